@@ -1,0 +1,125 @@
+"""Local worker subprocesses: spawned for a run, watched, and always reaped.
+
+Each worker also arranges to die with this process (PR_SET_PDEATHSIG plus a parent-pid
+check), so even a kill -9 of the coordinator leaves no orphan behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+
+import anyio
+import structlog
+from anyio.abc import Process, TaskGroup
+
+log = structlog.get_logger("odibi_actor.local")
+
+
+def _child_env() -> dict[str, str]:
+    """Workers import step functions by reference: give them our import path."""
+    env = dict(os.environ)
+    paths = [p or os.getcwd() for p in sys.path]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+class LocalWorkers:
+    """``async with LocalWorkers(...)`` keeps ``n`` workers alive, and none after."""
+
+    def __init__(
+        self,
+        n: int,
+        address: str,
+        nthreads: int = 1,
+        on_exit: Callable[[str, int, bool], None] | None = None,
+        log_level: str = "warning",
+        max_respawns: int | None = None,
+    ) -> None:
+        self.n, self.address, self.nthreads = n, address, nthreads
+        self.on_exit = on_exit
+        self.log_level = log_level
+        self.respawns_left = 2 * n if max_respawns is None else max_respawns
+        self.procs: dict[str, Process] = {}
+        self._tg: TaskGroup | None = None
+        self._closing = False
+        self._seq = 0
+
+    async def __aenter__(self) -> LocalWorkers:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        for _ in range(self.n):
+            await self._spawn()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._closing = True
+        with anyio.CancelScope(shield=True):
+            await self.stop(grace=3.0)
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(None, None, None)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs.values()]
+
+    async def _spawn(self) -> None:
+        name = f"local-{self._seq}"
+        self._seq += 1
+        cmd = [
+            sys.executable,
+            "-m",
+            "odibi_actor.worker",
+            self.address,
+            "--nthreads",
+            str(self.nthreads),
+            "--name",
+            name,
+            "--parent-pid",
+            str(os.getpid()),
+            "--log-level",
+            self.log_level,
+        ]
+        proc = await anyio.open_process(
+            cmd, stdin=subprocess.DEVNULL, stdout=None, stderr=None, env=_child_env()
+        )
+        self.procs[name] = proc
+        assert self._tg is not None
+        self._tg.start_soon(self._watch, name, proc)
+
+    async def _watch(self, name: str, proc: Process) -> None:
+        code = await proc.wait()
+        self.procs.pop(name, None)
+        if self._closing:
+            return
+        respawn = self.respawns_left > 0
+        log.warning("local worker exited", worker=name, exit_code=code, respawning=respawn)
+        if self.on_exit is not None:
+            self.on_exit(name, code, respawn or bool(self.procs))
+        if respawn:
+            self.respawns_left -= 1
+            await self._spawn()
+
+    async def stop(self, grace: float) -> None:
+        """Wait ``grace`` seconds for workers told to leave, then terminate, then kill."""
+        self._closing = True
+        procs = list(self.procs.values())
+        with anyio.move_on_after(grace):
+            for p in procs:
+                await p.wait()
+        for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+            alive = [p for p in procs if p.returncode is None]
+            if not alive:
+                break
+            for p in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(sig)
+            with anyio.move_on_after(wait):
+                for p in alive:
+                    await p.wait()
+        self.procs.clear()

@@ -1,0 +1,105 @@
+"""The wire format between coordinator and workers.
+
+Frame 0 is a msgpack header carrying the protocol version and message type. Data travels
+as pickle protocol 5: the in-band pickles of a message are joined into frame 1 (their
+lengths are in the header) and out-of-band buffers follow as frames of their own, so
+numpy and pandas buffers cross the socket without another copy.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+# message types
+HELLO = "hello"  # worker -> coordinator: name, nthreads, pid, host
+TASKS = "tasks"  # coordinator -> worker: a batch of tasks and any new functions
+RESULTS = "results"  # worker -> coordinator: a batch of outcomes
+BYE = "bye"  # either way: leaving (worker hands back unstarted tasks)
+KNOWN_TYPES = frozenset({HELLO, TASKS, RESULTS, BYE})
+
+
+class MalformedMessage(ValueError):
+    """A frame sequence that is not a valid message; logged and dropped, never fatal."""
+
+
+@dataclass(slots=True)
+class Packed:
+    """One pickled value: in-band bytes plus its out-of-band buffers."""
+
+    data: memoryview | bytes
+    buffers: list[memoryview]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + sum(b.nbytes for b in self.buffers)
+
+
+def pack(value: Any) -> Packed:
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    return Packed(data, [b.raw() for b in buffers])
+
+
+def unpack(p: Packed) -> Any:
+    return pickle.loads(p.data, buffers=p.buffers)
+
+
+def encode(header: dict[str, Any], values: Sequence[Packed] = ()) -> list[Any]:
+    """Frames for ``header`` plus ``values``; the header gains the layout it needs."""
+    header["v"] = PROTOCOL_VERSION
+    if not values:
+        return [msgpack.packb(header)]
+    header["lens"] = [len(p.data) for p in values]
+    header["nbufs"] = [len(p.buffers) for p in values]
+    frames: list[Any] = [msgpack.packb(header), b"".join([p.data for p in values])]
+    for p in values:
+        frames.extend(p.buffers)
+    return frames
+
+
+def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], list[Packed]]:
+    """Parse frames (bytes or zmq.Frame); raise :class:`MalformedMessage` on anything off."""
+    if not frames:
+        raise MalformedMessage("empty message")
+    try:
+        header = msgpack.unpackb(_view(frames[0]), strict_map_key=False)
+    except Exception as exc:
+        raise MalformedMessage(f"undecodable header: {exc}") from None
+    if not isinstance(header, dict):
+        raise MalformedMessage("header is not a map")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise MalformedMessage(f"unsupported protocol version {header.get('v')!r}")
+    if header.get("t") not in KNOWN_TYPES:
+        raise MalformedMessage(f"unknown message type {header.get('t')!r}")
+    lens, nbufs = header.get("lens", []), header.get("nbufs", [])
+    if not lens:
+        return header, []
+    try:
+        if len(lens) != len(nbufs) or len(frames) != 2 + sum(nbufs):
+            raise MalformedMessage("frame count does not match the header")
+        blob = _view(frames[1])
+        if sum(lens) != len(blob):
+            raise MalformedMessage("payload length does not match the header")
+        values, pos, nxt = [], 0, 2
+        for n, nb in zip(lens, nbufs, strict=True):
+            bufs = [_view(f) for f in frames[nxt : nxt + nb]]
+            values.append(Packed(blob[pos : pos + n], bufs))
+            pos += n
+            nxt += nb
+    except MalformedMessage:
+        raise
+    except Exception as exc:
+        raise MalformedMessage(f"bad payload layout: {exc!r}") from None
+    return header, values
+
+
+def _view(frame: Any) -> memoryview:
+    buf = getattr(frame, "buffer", None)
+    return buf if buf is not None else memoryview(frame)

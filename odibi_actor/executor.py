@@ -1,0 +1,240 @@
+"""Executors: the public way to run a DAG, in threads or on worker processes.
+
+Both drive the same scheduler actor; only the dispatcher behind it differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import structlog
+import zmq
+import zmq.asyncio
+
+from ._dag import DAGBuilder, DAGNode, build_dag, check_inputs
+from ._functions import FnSpec, describe
+from ._kernel import ActorSystem
+from ._local import LocalWorkers
+from ._pool import WorkerExited, WorkerPool
+from ._scheduler import Hooks, Progress, RunResult, Scheduler
+from ._threads import ThreadDispatcher
+from ._wire import Packed, pack, unpack
+from .errors import DAGValidationError, OdibiError
+from .metrics import MetricsManager
+
+log = structlog.get_logger("odibi_actor.executor")
+
+BACKENDS = ("threads", "processes")
+
+
+class DAGExecutor:
+    """Run a DAG; ``backend="threads"`` (the default here) runs steps in this process.
+
+    ``context``, ``tracker`` and ``events`` are the odibi_core hooks: ``tracker`` gets
+    ``start_step(name, level)`` / ``end_step(name, status, error)`` and ``events`` gets
+    ``emit(event, **fields)``. ``progress`` is called with a :class:`Progress` snapshot
+    after each batch of scheduling events.
+    """
+
+    default_backend = "threads"
+
+    def __init__(
+        self,
+        nodes: Mapping[str, DAGNode] | DAGBuilder,
+        context: Any = None,
+        tracker: Any = None,
+        events: Any = None,
+        *,
+        backend: str | None = None,
+        max_workers: int | None = None,
+        workers: int | None = None,
+        nthreads: int = 1,
+        allowed_failures: int = 3,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        if isinstance(nodes, DAGBuilder):
+            self.nodes = nodes.build()
+        elif isinstance(nodes, Mapping):
+            self.nodes = build_dag(nodes.values())
+        else:
+            raise DAGValidationError(
+                f"expected the dict returned by DAGBuilder.build(), got {type(nodes).__name__}"
+            )
+        backend = backend or self.default_backend
+        if backend == "ray":
+            log.warning("backend='ray' is not supported; using 'processes'")
+            backend = "processes"
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        count = workers if workers is not None else max_workers
+        if count is not None and (isinstance(count, bool) or int(count) < 1):
+            raise ValueError(f"workers must be at least 1, got {count!r}")
+        if nthreads < 1:
+            raise ValueError(f"nthreads must be at least 1, got {nthreads!r}")
+        self.backend = backend
+        self.workers = int(count) if count is not None else (os.cpu_count() or 1)
+        self.nthreads = nthreads
+        self.allowed_failures = allowed_failures
+        self.context = context
+        self.hooks = Hooks(tracker, events, progress)
+        self.metrics = MetricsManager(node_count=len(self.nodes), backend=backend)
+        self.worker_pids: list[int] = []
+
+    # --- public API ----------------------------------------------------------------------
+    def run(self, initial_data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Run to the end and return every dataset the nodes produced."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return anyio.run(self.arun, initial_data)
+        # Called from inside an event loop (a notebook): run on a thread of our own.
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = anyio.run(self.arun, initial_data)
+            except BaseException as exc:
+                box["error"] = exc
+
+        t = threading.Thread(target=target, name="odibi-run")
+        t.start()
+        t.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    # odibi_core called it execute()
+    execute = run
+
+    async def arun(self, initial_data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        data = dict(initial_data or {})
+        check_inputs(self.nodes, data)
+        self.metrics = MetricsManager(node_count=len(self.nodes), backend=self.backend)
+        result = RunResult()
+        self._emit("pipeline_start", nodes=len(self.nodes))
+        t0 = time.perf_counter()
+        try:
+            if self.backend == "threads":
+                self.metrics.workers = self.workers * self.nthreads
+                await self._run_threads(data, result)
+            else:
+                self.metrics.workers = self.workers
+                await self._run_processes(data, result)
+        finally:
+            self.metrics.execution_time = time.perf_counter() - t0
+        if result.error is not None:
+            self._emit("pipeline_error", error=result.error)
+            raise result.error
+        out = {k: v for k, v in data.items() if k not in (initial_data or {})}
+        if self.backend == "processes":
+            out = {k: _materialize(k, v) for k, v in out.items()}
+        self._emit("pipeline_complete", duration=self.metrics.execution_time)
+        return out
+
+    # --- backends ------------------------------------------------------------------------
+    def _scheduler(self, data: dict[str, Any], result: RunResult, dispatcher: Any) -> Scheduler:
+        return Scheduler(
+            self.nodes, data, dispatcher, self.metrics, result, self.hooks, self.allowed_failures
+        )
+
+    async def _run_threads(self, data: dict[str, Any], result: RunResult) -> None:
+        refs: dict[str, Any] = {}
+        async with ActorSystem() as system:
+            refs["scheduler"] = system.spawn(
+                lambda: self._scheduler(data, result, lambda: refs["threads"]), "scheduler"
+            )
+            refs["threads"] = system.spawn(
+                lambda: ThreadDispatcher(self.workers * self.nthreads, refs["scheduler"]), "threads"
+            )
+            await result.finished.wait()
+            system.shutdown()
+
+    async def _run_processes(self, data: dict[str, Any], result: RunResult) -> None:
+        for key, value in list(data.items()):
+            data[key] = _pack_initial(key, value)
+        fn_specs = _function_specs(self.nodes)
+        run_id = uuid.uuid4().hex[:12]
+        path = os.path.join(tempfile.gettempdir(), f"odibi-{os.getpid()}-{run_id}.sock")
+        address = f"ipc://{path}"
+        ctx = zmq.asyncio.Context()
+        refs: dict[str, Any] = {}
+        try:
+            async with ActorSystem() as system:
+                refs["scheduler"] = system.spawn(
+                    lambda: self._scheduler(data, result, lambda: refs["pool"]), "scheduler"
+                )
+                refs["pool"] = system.spawn(
+                    lambda: WorkerPool(
+                        self.nodes, refs["scheduler"], address, run_id, ctx, fn_specs
+                    ),
+                    "pool",
+                )
+
+                def exited(name: str, code: int, more: bool) -> None:
+                    refs["pool"].tell(WorkerExited(name, code, more))
+
+                async with LocalWorkers(
+                    self.workers, address, self.nthreads, on_exit=exited
+                ) as local:
+                    self.worker_pids = local.pids
+                    await result.finished.wait()
+                    refs["pool"].stop()  # says goodbye to every worker
+                system.shutdown()
+        finally:
+            ctx.destroy(linger=0)
+            if os.path.exists(path):
+                os.unlink(path)
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self.hooks.events is not None:
+            self.hooks.call("events.emit", self.hooks.events.emit, event, **fields)
+
+
+class DistributedExecutor(DAGExecutor):
+    """Run a DAG on worker processes over ZeroMQ; ``workers`` defaults to the CPU count."""
+
+    default_backend = "processes"
+
+
+def _function_specs(nodes: Mapping[str, DAGNode]) -> list[FnSpec]:
+    """Describe every node's function up front, so a bad one fails naming its node."""
+    specs: dict[int, FnSpec] = {}
+    out = []
+    for node in nodes.values():
+        spec = specs.get(id(node.fn))
+        if spec is None:
+            try:
+                spec = specs[id(node.fn)] = describe(node.fn)
+            except Exception as exc:
+                raise DAGValidationError(
+                    f"node {node.name!r}: its function cannot be sent to worker processes"
+                    f" ({exc!r}); use backend='threads' or make it importable or picklable"
+                ) from None
+        out.append(spec)
+    return out
+
+
+def _pack_initial(key: str, value: Any) -> Packed:
+    try:
+        return pack(value)
+    except Exception as exc:
+        raise OdibiError(
+            f"initial data {key!r} cannot be pickled for worker processes: {exc!r}"
+        ) from None
+
+
+def _materialize(key: str, value: Any) -> Any:
+    if not isinstance(value, Packed):
+        return value
+    try:
+        return unpack(value)
+    except Exception as exc:
+        raise OdibiError(f"dataset {key!r} could not be unpickled here: {exc!r}") from exc

@@ -1,0 +1,60 @@
+"""Run metrics, the MetricsManager of the odibi_core API, read by the CLI summary."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class NodeMetrics:
+    name: str
+    status: str = "pending"  # pending, done, failed, skipped
+    duration: float = 0.0  # seconds in the step function, last attempt
+    attempts: int = 0
+    worker: str | None = None
+    cached: bool = False
+
+
+@dataclass
+class MetricsManager:
+    """What a run did: totals plus one :class:`NodeMetrics` per node."""
+
+    execution_time: float = 0.0
+    node_count: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    workers: int = 0
+    backend: str = ""
+    nodes: dict[str, NodeMetrics] = field(default_factory=dict)
+
+    def node(self, name: str) -> NodeMetrics:
+        m = self.nodes.get(name)
+        if m is None:
+            m = self.nodes[name] = NodeMetrics(name)
+        return m
+
+    @property
+    def tasks_per_second(self) -> float:
+        return self.node_count / self.execution_time if self.execution_time else 0.0
+
+    def get_summary(self) -> dict[str, Any]:
+        """Totals, as the odibi_core MetricsManager summary offered them."""
+        done = sum(1 for m in self.nodes.values() if m.status == "done")
+        failed = sum(1 for m in self.nodes.values() if m.status == "failed")
+        return {
+            "execution_time": self.execution_time,
+            "node_count": self.node_count,
+            "nodes_done": done,
+            "nodes_failed": failed,
+            "retries": sum(max(0, m.attempts - 1) for m in self.nodes.values()),
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
+            "workers": self.workers,
+            "backend": self.backend,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.get_summary()
+        out["nodes"] = {name: asdict(m) for name, m in self.nodes.items()}
+        return out
