@@ -26,7 +26,7 @@ from functools import partial
 
 import pandas as pd
 
-from odibi_actor._dag import DAGBuilder, DAGNode
+from odibi_actor import DAGBuilder, DAGNode
 
 MONTHS = tuple(range(1, 13))
 ON_TIME_MINUTES = 15

@@ -1,0 +1,200 @@
+"""The ``odibi`` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import structlog
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from ._logging import configure_logging
+from ._scheduler import Progress as RunProgress
+from ._target import load_target
+from .errors import DAGValidationError, NodeFailedError, OdibiError
+from .executor import DistributedExecutor
+from .metrics import MetricsManager
+
+SUMMARY_ROWS = 40  # larger runs show the slowest nodes only
+
+EPILOG = """\
+examples:
+  odibi run odibi_actor.examples.flights --out flights_out
+  odibi run my_pipeline.py --workers 4
+  odibi run my_pipeline.py --backend threads      # in-process, for debugging
+  odibi graph odibi_actor.examples.flights         # Mermaid flowchart of the DAG
+
+A pipeline is a module path or a .py file that defines dag() returning
+DAGBuilder().build() (or a DAGBuilder), and optionally initial_data() returning a dict.
+--out DIR sets the initial dataset "out_dir".
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="odibi",
+        description="Run DAGs of Python pipeline steps in parallel on worker processes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"odibi-actor {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run a pipeline",
+        description="Run a pipeline and print a summary. Exit code 0 on success, 1 if a node"
+        " failed, 2 if the pipeline is invalid.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("target", metavar="TARGET", help="module path or .py file with dag()")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (or threads) to start (default: CPU count)",
+    )
+    run.add_argument(
+        "--nthreads", type=int, default=1, help="threads per worker process (default: 1)"
+    )
+    run.add_argument(
+        "--backend",
+        choices=["processes", "threads"],
+        default="processes",
+        help="processes: local odibi-worker subprocesses over ZeroMQ (default);"
+        " threads: in this process",
+    )
+    run.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help='directory for outputs; sets the initial dataset "out_dir"',
+    )
+    run.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    run.add_argument("--log-json", action="store_true", help="log JSON lines to stderr")
+    run.add_argument(
+        "--log-level", default="warning", help="debug, info, warning or error (default: warning)"
+    )
+
+    graph = sub.add_parser("graph", help="print the DAG as a Mermaid flowchart")
+    graph.add_argument("target", metavar="TARGET", help="module path or .py file with dag()")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=False)
+    err = Console(stderr=True)
+    try:
+        if args.command == "graph":
+            from ._dag import to_mermaid
+
+            print(to_mermaid(load_target(args.target).nodes))
+            return 0
+        return _run(args, console, err)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]")
+        return 130
+    except DAGValidationError as exc:
+        err.print(f"[red]invalid pipeline:[/red] {exc}", markup=True, highlight=False)
+        return 2
+    except NodeFailedError as exc:
+        err.print(f"[red]run failed:[/red] {exc}", highlight=False)
+        return 1
+    except (OdibiError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 2
+
+
+def _run(args: argparse.Namespace, console: Console, err: Console) -> int:
+    configure_logging(json=args.log_json, level=args.log_level)
+    if args.workers is not None and args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    pipeline = load_target(args.target)
+    data = dict(pipeline.initial_data)
+    if args.out is not None:
+        data["out_dir"] = os.path.abspath(args.out)
+    show = not args.no_progress
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("running {task.fields[running]}  failed {task.fields[failed]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not show,
+        transient=False,
+    )
+    task = bar.add_task(pipeline.name, total=len(pipeline.nodes), running=0, failed=0)
+
+    def on_progress(p: RunProgress) -> None:
+        bar.update(task, completed=p.done, running=p.running, failed=p.failed)
+
+    executor = DistributedExecutor(
+        pipeline.nodes,
+        workers=args.workers,
+        nthreads=args.nthreads,
+        backend=args.backend,
+        progress=on_progress,
+    )
+    structlog.get_logger("odibi_actor.cli").info(
+        "run starting", target=args.target, nodes=len(pipeline.nodes), backend=args.backend
+    )
+    failure: NodeFailedError | None = None
+    with bar:
+        try:
+            executor.run(data)
+        except NodeFailedError as exc:
+            failure = exc
+    console.print(summary_table(executor.metrics))
+    if failure is not None:
+        raise failure
+    m = executor.metrics
+    console.print(
+        f"[green]done[/green]: {m.node_count} nodes in {m.execution_time:.2f}s on"
+        f" {m.workers} {'threads' if args.backend == 'threads' else 'workers'}"
+        + (f"; outputs in {data['out_dir']}" if "out_dir" in data else "")
+    )
+    return 0
+
+
+def summary_table(m: MetricsManager) -> Table:
+    """Per node: status, duration, worker and attempts; the slowest first when large."""
+    rows = list(m.nodes.values())
+    title = f"{m.node_count} nodes, {m.execution_time:.2f}s"
+    if len(rows) > SUMMARY_ROWS:
+        rows = sorted(rows, key=lambda r: r.duration, reverse=True)[:SUMMARY_ROWS]
+        title += f" (the {SUMMARY_ROWS} slowest shown)"
+    table = Table(title=title)
+    for col, justify in (
+        ("node", "left"),
+        ("status", "left"),
+        ("duration", "right"),
+        ("worker", "left"),
+        ("attempts", "right"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    style = {"done": "green", "failed": "red"}
+    for r in rows:
+        table.add_row(
+            r.name,
+            f"[{style.get(r.status, 'dim')}]{r.status}[/]",
+            f"{r.duration:.3f}s",
+            r.worker or "-",
+            str(r.attempts),
+        )
+    return table
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
