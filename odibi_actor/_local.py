@@ -105,6 +105,13 @@ class LocalWorkers:
             self.respawns_left -= 1
             await self._spawn()
 
+    def kill(self, name: str) -> None:
+        """SIGKILL one worker (evicted as hung); its watcher respawns it."""
+        proc = self.procs.get(name)
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
     async def stop(self, grace: float) -> None:
         """Wait ``grace`` seconds for workers told to leave, then terminate, then kill."""
         self._closing = True

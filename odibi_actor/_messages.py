@@ -28,8 +28,9 @@ class Credit:
 
 @dataclass(slots=True)
 class Dispatch:
-    """Scheduler -> dispatcher: run these."""
+    """Scheduler -> dispatcher: run these attempts of run ``run_id``."""
 
+    run_id: str
     tasks: list[TaskSpec]
 
 

@@ -1,17 +1,26 @@
 """The worker pool actor: owns the ROUTER socket, the registered workers and dispatch.
 
-Flow control is credit-based: the pool grants the scheduler exactly as many tasks as its
-workers have room for, each worker's room adapting to how long tasks take, so trivial
-tasks travel in large batches and long ones are not hoarded by one worker.
+Flow control is credit-based: each run's scheduler is granted as many tasks as the
+workers have room for, a worker's room adapting to how long tasks take, so trivial tasks
+travel in large batches and long ones are not hoarded by one worker. Runs are served
+round-robin when workers free up, so a big run cannot starve a small one.
+
+Liveness follows the ZeroMQ guide's Paranoid Pirate pattern: any message from a worker
+counts as a heartbeat, the pool heartbeats idle workers, and a worker silent for
+``heartbeat_timeout`` is evicted and its tasks go elsewhere. Every dispatch carries its
+attempt number, so a late answer from an evicted worker is ignored by the run's state.
 """
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import structlog
 import zmq
 import zmq.asyncio
@@ -28,6 +37,8 @@ log = structlog.get_logger("odibi_actor.pool")
 
 MIN_PREFETCH, MAX_PREFETCH = 2, 128
 TARGET_QUEUE_SECONDS = 0.02  # keep about this much work queued on each worker thread
+HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_TIMEOUT = 6.0
 
 
 @dataclass(eq=False)
@@ -37,19 +48,51 @@ class WorkerState:
     nthreads: int
     host: str = ""
     pid: int = 0
-    inflight: dict[int, int] = field(default_factory=dict)  # tid -> attempt
-    known_fns: set[int] = field(default_factory=set)
-    known_nodes: set[int] = field(default_factory=set)
+    inflight: dict[tuple[str, int], int] = field(default_factory=dict)  # (run, tid) -> attempt
+    known: set[tuple[str, str, int]] = field(default_factory=set)  # (run, "f"|"n", id)
     leaving: bool = False
     target: int = 0
+    last_seen: float = 0.0
+    last_sent: float = 0.0
+    joined: float = field(default_factory=time.time)
 
     def free(self) -> int:
         return 0 if self.leaving else max(0, self.target - len(self.inflight))
 
 
+@dataclass(eq=False)
+class PoolRun:
+    """What the pool knows of one run: enough to describe and route its tasks."""
+
+    run_id: str
+    scheduler: ActorRef[Any]
+    order: Sequence[DAGNode]
+    fn_specs: Sequence[FnSpec]
+    backlog: deque[TaskSpec] = field(default_factory=deque)
+    inflight: int = 0
+    outstanding: int = 0  # credit granted and not yet used
+    node_fid: list[int] = field(default_factory=list)
+    fns: dict[int, FnSpec] = field(default_factory=dict)
+    deadlines: dict[int, tuple[int, float]] = field(default_factory=dict)  # tid -> attempt, t
+
+    def __post_init__(self) -> None:
+        # number functions by spec: one shared by many nodes crosses the wire once
+        ids: dict[Any, int] = {}
+        for spec in self.fn_specs:
+            key = (spec[0], bytes(spec[1]) if isinstance(spec[1], bytes | bytearray) else spec[1])
+            fid = ids.setdefault(key, len(ids))
+            self.node_fid.append(fid)
+            self.fns.setdefault(fid, spec)
+
+
 @dataclass(slots=True)
-class _Incoming:
-    frames: list[Any]
+class AddRun:
+    run: PoolRun
+
+
+@dataclass(slots=True)
+class RemoveRun:
+    run_id: str
 
 
 @dataclass(slots=True)
@@ -61,35 +104,61 @@ class WorkerExited:
     more: bool
 
 
-def _key(spec: FnSpec) -> Any:
-    return (spec[0], bytes(spec[1]) if isinstance(spec[1], bytes | bytearray) else spec[1])
+@dataclass(slots=True)
+class PoolStatus:
+    """Ask: a list of worker descriptions for status displays."""
+
+
+@dataclass(slots=True)
+class SayGoodbye:
+    """Ask: tell every worker we are going away."""
+
+
+@dataclass(slots=True)
+class _Incoming:
+    frames: list[Any]
+
+
+class _Tick:
+    pass
+
+
+_TICK = _Tick()
+
+
+def _index(tid: Any, order: Sequence[Any]) -> int:
+    if type(tid) is not int or not 0 <= tid < len(order):
+        raise wire.MalformedMessage(f"no task {tid!r} in this run")
+    return tid
 
 
 class WorkerPool(Actor):
     def __init__(
         self,
-        nodes: Mapping[str, DAGNode],
-        scheduler: ActorRef[Any],
         address: str,
-        run_id: str,
         ctx: zmq.asyncio.Context,
-        fn_specs: list[FnSpec],
+        *,
+        heartbeat: float = HEARTBEAT_INTERVAL,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+        configure_socket: Callable[[zmq.Socket[Any]], None] | None = None,
+        on_evict: Callable[[str], None] | None = None,
+        max_message_size: int = -1,
     ) -> None:
-        self.order = list(nodes.values())
-        self.scheduler = scheduler
         self.address = address
-        self.run_id = run_id
         self.ctx = ctx
+        self.heartbeat = heartbeat
+        self.heartbeat_timeout = heartbeat_timeout
+        self._configure_socket = configure_socket
+        self.on_evict = on_evict
+        self.max_message_size = max_message_size
         self.workers: dict[bytes, WorkerState] = {}
-        self.backlog: deque[TaskSpec] = deque()
-        self.outstanding = 0  # credit granted to the scheduler and not yet used
+        self.runs: dict[str, PoolRun] = {}
+        self._rr: deque[str] = deque()  # round-robin order of runs with a backlog
         self.avg_duration: float | None = None
-        # functions are numbered by their spec, so a function shared by many nodes
-        # crosses the wire once per worker
-        fids: dict[Any, int] = {}
-        self.node_fid = [fids.setdefault(_key(s), len(fids)) for s in fn_specs]
-        self.fn_specs = {fid: fn_specs[i] for i, fid in enumerate(self.node_fid)}
+        self.epoch = uuid.uuid4().hex[:8]
         self.dropped = 0
+        self.evicted = 0
+        self.closing = False  # said goodbye: late arrivals get a goodbye too
 
     async def on_start(self) -> None:
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -97,104 +166,184 @@ class WorkerPool(Actor):
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
+        if self._configure_socket is not None:
+            self._configure_socket(self.sock)
         self.sock.bind(self.address)
         self.start_task(self._read, name="pool-reader")
+        self.start_task(self._ticker, name="pool-heartbeat")
 
     async def on_stop(self) -> None:
-        for w in list(self.workers.values()):
-            await self._send(w, {"t": wire.BYE})
-        self.sock.close(linger=500)
+        self.sock.close(linger=0)
 
     async def _read(self) -> None:
         recv, tell = self.sock.recv_multipart, self.ref.tell
         while True:
             tell(_Incoming(await recv(copy=False)))
 
-    async def on_message(self, message: Any) -> None:
+    async def _ticker(self) -> None:
+        while True:
+            await anyio.sleep(self.heartbeat / 2)
+            self.ref.tell(_TICK)
+
+    async def on_message(self, message: Any) -> Any:
         if isinstance(message, _Incoming):
             await self._on_incoming(message.frames)
         elif isinstance(message, Dispatch):
-            self.outstanding = max(0, self.outstanding - len(message.tasks))
-            self.backlog.extend(message.tasks)
+            run = self.runs.get(message.run_id)
+            if run is None:
+                return None
+            run.outstanding = max(0, run.outstanding - len(message.tasks))
+            if not run.backlog:
+                self._rr.append(run.run_id)
+            run.backlog.extend(message.tasks)
+        elif isinstance(message, _Tick):
+            await self._on_tick()
+        elif isinstance(message, AddRun):
+            self.runs[message.run.run_id] = message.run
+        elif isinstance(message, RemoveRun):
+            await self._remove_run(message.run_id)
         elif isinstance(message, WorkerExited):
             self._on_exited(message)
+        elif isinstance(message, PoolStatus):
+            return self.status()
+        elif isinstance(message, SayGoodbye):
+            self.closing = True
+            for w in list(self.workers.values()):
+                await self._send(w, {"t": wire.BYE})
+            return None
         else:
             log.warning("pool dropped unknown message", type=type(message).__name__)
-            return
+            return None
         await self._place()
         self._grant()
+        return None
+
+    def status(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [
+            {
+                "name": w.name,
+                "host": w.host,
+                "pid": w.pid,
+                "slots": w.nthreads,
+                "busy": min(len(w.inflight), w.nthreads),
+                "queued": len(w.inflight),
+                "last_heartbeat": round(now - w.last_seen, 2),
+                "leaving": w.leaving,
+            }
+            for w in self.workers.values()
+        ]
 
     # --- incoming ------------------------------------------------------------------------
     async def _on_incoming(self, frames: list[Any]) -> None:
         identity = frames[0].bytes
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.last_seen = time.monotonic()
         try:
             header, values = wire.decode(frames[1:])
             kind = header["t"]
-            worker = self.workers.get(identity)
-            if kind == wire.HELLO:
-                self._register(identity, header)
+            if kind == wire.HELLO and self.closing:
+                await self._send_raw(identity, {"t": wire.BYE})
+            elif kind == wire.HELLO:
+                await self._register(identity, header)
             elif worker is None:
-                raise wire.MalformedMessage(f"{kind!r} from an unregistered peer")
+                if kind != wire.BYE:  # evicted, or we restarted: ask it to register again
+                    await self._send_raw(identity, {"t": wire.RESET})
             elif kind == wire.RESULTS:
                 self._on_results(worker, header, values)
+            elif kind == wire.STARTED:
+                self._on_started(header)
             elif kind == wire.BYE:
                 self._on_bye(worker, header)
-            else:
+            elif kind != wire.HEARTBEAT:
                 raise wire.MalformedMessage(f"unexpected {kind!r} from a worker")
-        except (wire.MalformedMessage, KeyError, TypeError, ValueError) as exc:
+        except (wire.MalformedMessage, KeyError, TypeError, ValueError, IndexError) as exc:
             self.dropped += 1
             log.warning("dropped bad message", peer=identity[:64], error=str(exc))
 
-    def _register(self, identity: bytes, header: dict[str, Any]) -> None:
+    async def _register(self, identity: bytes, header: dict[str, Any]) -> None:
         nthreads = int(header["nthreads"])
-        if nthreads < 1:
+        if not 1 <= nthreads <= 4096:
             raise wire.MalformedMessage(f"bad nthreads {nthreads!r}")
+        now = time.monotonic()
         w = WorkerState(
             identity,
-            str(header["name"]),
+            str(header["name"])[:200],
             nthreads,
-            str(header.get("host", "")),
+            str(header.get("host", ""))[:200],
             int(header.get("pid", 0)),
+            last_seen=now,
         )
         w.target = nthreads * self._prefetch()
+        old = self.workers.get(identity)
+        if old is not None:
+            self._forget(old, f"worker {old.name} registered again")
         self.workers[identity] = w
-        log.debug("worker joined", worker=w.name, nthreads=nthreads)
+        await self._send(w, {"t": wire.WELCOME, "runs": list(self.runs), "epoch": self.epoch})
+        log.info("worker joined", worker=w.name, host=w.host, nthreads=nthreads)
 
     def _on_results(self, w: WorkerState, header: dict[str, Any], values: list[Any]) -> None:
-        order, inflight = self.order, w.inflight
+        run = self.runs.get(str(header["run"]))
+        if run is None:
+            self.dropped += 1  # a run that ended or that a previous coordinator ran
+            return
+        order, rid = run.order, run.run_id
         outcomes: list[Outcome] = []
         pos = 0
         total = 0.0
         for tid, attempt, duration in header["ok"]:
-            n = len(order[tid].outputs)
+            n = len(order[_index(tid, order)].outputs)
+            if pos + n > len(values):
+                raise wire.MalformedMessage("result values do not match the nodes' outputs")
             outcomes.append(
                 Outcome(tid, attempt, duration, tuple(values[pos : pos + n]), worker=w.name)
             )
             pos += n
             total += duration
-            if inflight.get(tid) == attempt:
-                del inflight[tid]
         if pos != len(values):
             raise wire.MalformedMessage("result values do not match the nodes' outputs")
         for tid, attempt, duration, error, tb in header["err"]:
+            _index(tid, order)
             outcomes.append(
                 Outcome(tid, attempt, duration, error=str(error), traceback=str(tb), worker=w.name)
             )
-            if inflight.get(tid) == attempt:
-                del inflight[tid]
+        for o in outcomes:
+            if w.inflight.get((rid, o.tid)) == o.attempt:
+                del w.inflight[(rid, o.tid)]
+                run.inflight -= 1
+            run.deadlines.pop(o.tid, None)
         if header["ok"]:
             self._learn(total / len(header["ok"]))
         if outcomes:
-            self.scheduler.tell(Outcomes(outcomes))
+            run.scheduler.tell(Outcomes(outcomes))
+
+    def _on_started(self, header: dict[str, Any]) -> None:
+        run = self.runs.get(str(header["run"]))
+        if run is None:
+            return
+        now = time.monotonic()
+        for tid, attempt in header["tasks"]:
+            timeout = run.order[_index(tid, run.order)].timeout
+            if timeout is not None:
+                run.deadlines[tid] = (attempt, now + timeout + self.heartbeat_timeout)
 
     def _on_bye(self, w: WorkerState, header: dict[str, Any]) -> None:
         w.leaving = True
-        returned = [(int(t), int(a)) for t, a in header.get("returned", [])]
-        for tid, attempt in returned:
-            if w.inflight.get(tid) == attempt:
-                del w.inflight[tid]
-        if returned:
-            self.scheduler.tell(Returned(returned, lost=False, reason=f"{w.name} is leaving"))
+        by_run: dict[str, list[tuple[int, int]]] = {}
+        for run_id, tid, attempt in header.get("returned", []):
+            key = (str(run_id), int(tid))
+            if w.inflight.get(key) == attempt:
+                del w.inflight[key]
+                run = self.runs.get(key[0])
+                if run is not None:
+                    run.inflight -= 1
+                    by_run.setdefault(run.run_id, []).append((key[1], int(attempt)))
+        for run_id, attempts in by_run.items():
+            self.runs[run_id].scheduler.tell(
+                Returned(attempts, lost=False, reason=f"{w.name} is leaving")
+            )
         if header.get("done"):
             self._forget(w, f"worker {w.name} left")
 
@@ -203,22 +352,66 @@ class WorkerPool(Actor):
             if w.name == msg.name:
                 self._forget(w, f"worker {w.name} exited with code {msg.code}")
         if not msg.more:
-            self.scheduler.tell(
-                Abort(
-                    WorkerLostError(
-                        f"every local worker process has exited (last: {msg.name},"
-                        f" code {msg.code});"
-                        " see the worker output above"
-                    )
-                )
+            error = WorkerLostError(
+                f"every local worker process has exited (last: {msg.name}, code {msg.code});"
+                " see the worker output above"
             )
+            for run in self.runs.values():
+                run.scheduler.tell(Abort(error))
 
     def _forget(self, w: WorkerState, reason: str) -> None:
-        self.workers.pop(w.identity, None)
-        lost = list(w.inflight.items())
-        if lost:
-            log.warning("worker lost with tasks in flight", worker=w.name, tasks=len(lost))
-            self.scheduler.tell(Returned(lost, lost=True, reason=reason))
+        if self.workers.get(w.identity) is w:
+            del self.workers[w.identity]
+        by_run: dict[str, list[tuple[int, int]]] = {}
+        for (run_id, tid), attempt in w.inflight.items():
+            run = self.runs.get(run_id)
+            if run is not None:
+                run.inflight -= 1
+                by_run.setdefault(run_id, []).append((tid, attempt))
+        w.inflight.clear()
+        for run_id, attempts in by_run.items():
+            log.warning("worker lost with tasks in flight", worker=w.name, tasks=len(attempts))
+            self.runs[run_id].scheduler.tell(Returned(attempts, lost=True, reason=reason))
+
+    async def _on_tick(self) -> None:
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if now - w.last_seen > self.heartbeat_timeout:
+                self.evicted += 1
+                log.warning(
+                    "worker missed its heartbeats; evicting",
+                    worker=w.name,
+                    silent_for=round(now - w.last_seen, 1),
+                )
+                self._forget(w, f"worker {w.name} stopped answering")
+                if self.on_evict is not None:
+                    self.on_evict(w.name)
+            elif now - w.last_sent >= self.heartbeat:
+                await self._send(w, {"t": wire.HEARTBEAT})
+        for run in self.runs.values():
+            late = [(tid, a) for tid, (a, t) in run.deadlines.items() if t < now]
+            if late:
+                outcomes = []
+                for tid, attempt in late:
+                    del run.deadlines[tid]
+                    node = run.order[tid]
+                    error = (
+                        f"NodeTimeoutError: node {node.name!r} did not finish within its"
+                        f" timeout of {node.timeout:g}s (checked by the coordinator)"
+                    )
+                    outcomes.append(Outcome(tid, attempt, float(node.timeout or 0), error=error))
+                run.scheduler.tell(Outcomes(outcomes))
+
+    async def _remove_run(self, run_id: str) -> None:
+        run = self.runs.pop(run_id, None)
+        if run is None:
+            return
+        for w in list(self.workers.values()):
+            stale = [k for k in w.inflight if k[0] == run_id]
+            for k in stale:
+                del w.inflight[k]
+            w.known = {k for k in w.known if k[0] != run_id}
+            await self._send(w, {"t": wire.CANCEL, "runs": [run_id]})
 
     # --- outgoing ------------------------------------------------------------------------
     def _prefetch(self) -> int:
@@ -228,53 +421,66 @@ class WorkerPool(Actor):
         return max(MIN_PREFETCH, min(MAX_PREFETCH, want))
 
     def _learn(self, duration: float) -> None:
-        self.avg_duration = (
-            duration if self.avg_duration is None else 0.8 * self.avg_duration + 0.2 * duration
-        )
+        avg = self.avg_duration
+        self.avg_duration = duration if avg is None else 0.8 * avg + 0.2 * duration
         per_thread = self._prefetch()
         for w in self.workers.values():
             w.target = w.nthreads * per_thread
 
     def _grant(self) -> None:
-        room = sum(w.free() for w in self.workers.values())
-        free = room - len(self.backlog) - self.outstanding
-        if free > 0:
-            self.outstanding += free
-            self.scheduler.tell(Credit(free))
+        """Each run may hold as much work as all workers have room for, never more."""
+        room = sum(w.target for w in self.workers.values() if not w.leaving)
+        for run in self.runs.values():
+            want = room - len(run.backlog) - run.inflight - run.outstanding
+            if want > 0:
+                run.outstanding += want
+                run.scheduler.tell(Credit(want))
 
     async def _place(self) -> None:
-        if not self.backlog:
+        if not self._rr:
             return
-        workers = [w for w in self.workers.values() if w.free() > 0]
-        batches: dict[bytes, list[TaskSpec]] = {}
-        while self.backlog and workers:
-            w = max(workers, key=WorkerState.free)
-            take = min(w.free(), len(self.backlog))
-            batch = batches.setdefault(w.identity, [])
-            for _ in range(take):
-                spec = self.backlog.popleft()
-                w.inflight[spec.tid] = spec.attempt
-                batch.append(spec)
-            workers = [x for x in workers if x.free() > 0]
-        for identity, batch in batches.items():
-            await self._send_tasks(self.workers[identity], batch)
+        batches: dict[tuple[bytes, str], list[TaskSpec]] = {}
+        for w in sorted(self.workers.values(), key=WorkerState.free, reverse=True):
+            free = w.free()
+            while free > 0 and self._rr:
+                run = self.runs.get(self._rr[0])
+                if run is None or not run.backlog:
+                    self._rr.popleft()
+                    continue
+                # one run gets a fair slice of this worker's room, then the next run
+                take = min(free, len(run.backlog), max(1, free // len(self._rr)))
+                batch = batches.setdefault((w.identity, run.run_id), [])
+                for _ in range(take):
+                    spec = run.backlog.popleft()
+                    w.inflight[(run.run_id, spec.tid)] = spec.attempt
+                    batch.append(spec)
+                run.inflight += take
+                free -= take
+                self._rr.rotate(-1)
+                if not run.backlog:
+                    self._rr.remove(run.run_id)
+        for (identity, run_id), batch in batches.items():
+            w = self.workers.get(identity)
+            if w is not None:
+                await self._send_tasks(w, self.runs[run_id], batch)
 
-    async def _send_tasks(self, w: WorkerState, batch: list[TaskSpec]) -> None:
+    async def _send_tasks(self, w: WorkerState, run: PoolRun, batch: list[TaskSpec]) -> None:
         fns: dict[int, Any] = {}
         nodes: dict[int, Any] = {}
         tasks, values = [], []
+        rid, known = run.run_id, w.known
         for spec in batch:
-            if spec.tid not in w.known_nodes:
+            if (rid, "n", spec.tid) not in known:
                 node = spec.node
-                fid = self.node_fid[spec.tid]
-                if fid not in w.known_fns:
-                    fns[fid] = self.fn_specs[fid]
-                    w.known_fns.add(fid)
+                fid = run.node_fid[spec.tid]
+                if (rid, "f", fid) not in known:
+                    fns[fid] = run.fns[fid]
+                    known.add((rid, "f", fid))
                 nodes[spec.tid] = (node.name, fid, node.outputs, node.timeout)
-                w.known_nodes.add(spec.tid)
+                known.add((rid, "n", spec.tid))
             tasks.append((spec.tid, spec.attempt, len(spec.args)))
             values.extend(spec.args)
-        header = {"t": wire.TASKS, "run": self.run_id, "tasks": tasks}
+        header: dict[str, Any] = {"t": wire.TASKS, "run": rid, "tasks": tasks}
         if fns:
             header["fns"] = fns
         if nodes:
@@ -282,8 +488,14 @@ class WorkerPool(Actor):
         await self._send(w, header, values)
 
     async def _send(self, w: WorkerState, header: dict[str, Any], values: Any = ()) -> None:
-        try:
-            await self.sock.send_multipart([w.identity, *wire.encode(header, values)], copy=False)
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
-            log.warning("worker unreachable", worker=w.name, error=str(exc))
+        w.last_sent = time.monotonic()
+        if not await self._send_raw(w.identity, header, values):
             self._forget(w, f"worker {w.name} unreachable")
+
+    async def _send_raw(self, identity: bytes, header: dict[str, Any], values: Any = ()) -> bool:
+        try:
+            await self.sock.send_multipart([identity, *wire.encode(header, values)], copy=False)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
+            log.debug("peer unreachable", peer=identity[:64], error=str(exc))
+            return False
+        return True

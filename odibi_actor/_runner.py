@@ -34,6 +34,7 @@ class Task:
     outputs: tuple[str, ...]
     timeout: float | None = None
     packed: bool = False  # args arrive as Packed and outputs leave as Packed
+    run: str = ""
 
 
 @dataclass(slots=True)
@@ -45,6 +46,7 @@ class Outcome:
     error: str | None = None
     traceback: str = ""
     worker: str | None = field(default=None)
+    run: str = ""
 
     @property
     def ok(self) -> bool:
@@ -61,7 +63,7 @@ def execute(task: Task) -> Outcome:
             values = tuple(
                 _pack_output(task, name, v) for name, v in zip(task.outputs, values, strict=True)
             )
-        return Outcome(task.tid, task.attempt, time.perf_counter() - t0, values)
+        return Outcome(task.tid, task.attempt, time.perf_counter() - t0, values, run=task.run)
     except BaseException as exc:  # a step's SystemExit must not kill the thread either
         return Outcome(
             task.tid,
@@ -69,6 +71,7 @@ def execute(task: Task) -> Outcome:
             time.perf_counter() - t0,
             error=f"{type(exc).__name__}: {exc}",
             traceback=user_traceback(exc),
+            run=task.run,
         )
 
 
@@ -105,6 +108,7 @@ class TaskRunner:
         self._name = name
         self._queue: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self._outbox: deque[Outcome] = deque()
+        self.started: deque[Task] = deque()  # timed tasks a thread has picked up
         self._signalled = False
         self._lock = threading.Lock()
         self._running: dict[int, tuple[Task, float]] = {}  # thread id -> task, started
@@ -135,16 +139,22 @@ class TaskRunner:
         self.in_flight -= len(out)
         return out
 
-    def take_unstarted(self) -> list[Task]:
-        """Remove and return tasks no thread has started: they can go elsewhere."""
-        out = []
+    def take_unstarted(self, which: Callable[[Task], bool] | None = None) -> list[Task]:
+        """Remove and return tasks no thread has started (all, or those ``which`` picks)."""
+        out, keep = [], []
         while True:
             try:
                 task = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if task is not None:
+            if task is None:
+                keep.append(task)
+            elif which is None or which(task):
                 out.append(task)
+            else:
+                keep.append(task)
+        for task in keep:
+            self._queue.put(task)
         self.in_flight -= len(out)
         return out
 
@@ -167,6 +177,8 @@ class TaskRunner:
             if task.timeout is not None:
                 with lock:
                     running[me] = (task, time.monotonic())
+                self.started.append(task)
+                self._wake()
             outcome = execute(task)
             if task.timeout is not None:
                 with lock:
@@ -178,6 +190,9 @@ class TaskRunner:
 
     def _deliver(self, outcome: Outcome) -> None:
         self._outbox.append(outcome)
+        self._wake()
+
+    def _wake(self) -> None:
         if not self._signalled:
             self._signalled = True
             self._notify()
@@ -202,5 +217,6 @@ class TaskRunner:
                         elapsed,
                         error=f"NodeTimeoutError: node {task.node!r} ran longer than its"
                         f" timeout of {task.timeout:g}s",
+                        run=task.run,
                     )
                 )

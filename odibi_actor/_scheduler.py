@@ -96,7 +96,9 @@ class Scheduler(Actor):
         result: RunResult,
         hooks: Hooks,
         allowed_failures: int = 3,
+        run_id: str = "",
     ) -> None:
+        self.run_id = run_id
         self.nodes = nodes
         self.names = list(nodes)
         self.order = [nodes[n] for n in self.names]
@@ -162,7 +164,7 @@ class Scheduler(Actor):
             specs.append(TaskSpec(index[name], attempt, node, [data[i] for i in node.inputs]))
             if hooks.per_node:
                 hooks.started(node, attempt)
-        self.dispatcher.tell(Dispatch(specs))
+        self.dispatcher.tell(Dispatch(self.run_id, specs))
 
     def _on_outcomes(self, outcomes: list[Any]) -> None:
         state, order, data, metrics = self.state, self.order, self.data, self.metrics

@@ -17,12 +17,17 @@ import msgpack
 
 PROTOCOL_VERSION = 1
 
-# message types
-HELLO = "hello"  # worker -> coordinator: name, nthreads, pid, host
-TASKS = "tasks"  # coordinator -> worker: a batch of tasks and any new functions
-RESULTS = "results"  # worker -> coordinator: a batch of outcomes
-BYE = "bye"  # either way: leaving (worker hands back unstarted tasks)
-KNOWN_TYPES = frozenset({HELLO, TASKS, RESULTS, BYE})
+# worker <-> coordinator message types
+HELLO = "hello"  # worker: I am here, with this many threads
+WELCOME = "welcome"  # coordinator: registered; these runs are alive; heartbeat interval
+TASKS = "tasks"  # coordinator: a batch of one run's tasks, plus functions not sent before
+STARTED = "started"  # worker: these timed tasks began (for the coordinator's deadline)
+RESULTS = "results"  # worker: a batch of one run's outcomes
+CANCEL = "cancel"  # coordinator: drop queued work of these runs
+HEARTBEAT = "hb"  # either way, only when nothing else was sent lately
+RESET = "reset"  # coordinator: I do not know you (evicted, or I restarted): register again
+BYE = "bye"  # worker: leaving, handing back unstarted tasks; coordinator: going away
+KNOWN_TYPES = frozenset({HELLO, WELCOME, TASKS, STARTED, RESULTS, CANCEL, HEARTBEAT, RESET, BYE})
 
 
 class MalformedMessage(ValueError):

@@ -23,7 +23,7 @@ from ._dag import DAGBuilder, DAGNode, build_dag, check_inputs
 from ._functions import FnSpec, describe
 from ._kernel import ActorSystem
 from ._local import LocalWorkers
-from ._pool import WorkerExited, WorkerPool
+from ._pool import AddRun, PoolRun, SayGoodbye, WorkerExited, WorkerPool
 from ._scheduler import Hooks, Progress, RunResult, Scheduler
 from ._threads import ThreadDispatcher
 from ._wire import Packed, pack, unpack
@@ -166,32 +166,42 @@ class DAGExecutor:
         address = f"ipc://{path}"
         ctx = zmq.asyncio.Context()
         refs: dict[str, Any] = {}
+        local = LocalWorkers(self.workers, address, self.nthreads, on_exit=self._on_exit(refs))
         try:
             async with ActorSystem() as system:
-                refs["scheduler"] = system.spawn(
-                    lambda: self._scheduler(data, result, lambda: refs["pool"]), "scheduler"
+                refs["pool"] = pool = system.spawn(
+                    lambda: WorkerPool(address, ctx, on_evict=local.kill), "pool"
                 )
-                refs["pool"] = system.spawn(
-                    lambda: WorkerPool(
-                        self.nodes, refs["scheduler"], address, run_id, ctx, fn_specs
+                scheduler = system.spawn(
+                    lambda: Scheduler(
+                        self.nodes,
+                        data,
+                        lambda: pool,
+                        self.metrics,
+                        result,
+                        self.hooks,
+                        self.allowed_failures,
+                        run_id,
                     ),
-                    "pool",
+                    "scheduler",
                 )
-
-                def exited(name: str, code: int, more: bool) -> None:
-                    refs["pool"].tell(WorkerExited(name, code, more))
-
-                async with LocalWorkers(
-                    self.workers, address, self.nthreads, on_exit=exited
-                ) as local:
+                pool.tell(AddRun(PoolRun(run_id, scheduler, list(self.nodes.values()), fn_specs)))
+                async with local:
                     self.worker_pids = local.pids
                     await result.finished.wait()
-                    refs["pool"].stop()  # says goodbye to every worker
+                    await pool.ask(SayGoodbye(), timeout=5)
                 system.shutdown()
         finally:
             ctx.destroy(linger=0)
             if os.path.exists(path):
                 os.unlink(path)
+
+    @staticmethod
+    def _on_exit(refs: dict[str, Any]) -> Callable[[str, int, bool], None]:
+        def exited(name: str, code: int, more: bool) -> None:
+            refs["pool"].tell(WorkerExited(name, code, more))
+
+        return exited
 
     def _emit(self, event: str, **fields: Any) -> None:
         if self.hooks.events is not None:
