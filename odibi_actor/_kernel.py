@@ -145,16 +145,26 @@ class ActorSystem:
             raise
 
     def spawn(
-        self, factory: Callable[[], A], name: str | None = None, policy: Policy = ESCALATE
+        self,
+        factory: Callable[[], A],
+        name: str | None = None,
+        policy: Policy = ESCALATE,
+        on_crash: Callable[[BaseException], None] | None = None,
     ) -> ActorRef[A]:
-        """Start an actor made by ``factory`` (called again on each restart)."""
+        """Start an actor made by ``factory`` (called again on each restart).
+
+        When it crashes with no restart left, ``on_crash`` (its supervisor's handler) is
+        called with the error; without one, the crash escalates and the system goes down.
+        """
         if self._tg is None:
             raise RuntimeError("ActorSystem is not running; use 'async with'")
         send, receive = anyio.create_memory_object_stream[tuple[Any, _Reply | None]](math.inf)
         actor_name = name or getattr(factory, "__name__", "actor")
         ref: ActorRef[A] = ActorRef(actor_name, send)
         self._refs.append(ref)
-        self._tg.start_soon(self._supervise, factory, ref, receive, policy, name=actor_name)
+        self._tg.start_soon(
+            self._supervise, factory, ref, receive, policy, on_crash, name=actor_name
+        )
         return ref
 
     def shutdown(self) -> None:
@@ -168,6 +178,7 @@ class ActorSystem:
         ref: ActorRef[A],
         mailbox: MemoryObjectReceiveStream[tuple[Any, _Reply | None]],
         policy: Policy,
+        on_crash: Callable[[BaseException], None] | None,
     ) -> None:
         restarts: list[float] = []
         with mailbox:
@@ -187,9 +198,17 @@ class ActorSystem:
                         continue
                     ref._send.close()
                     _fail_pending(mailbox, ref.name)
-                    raise ActorCrashed(
+                    crash = ActorCrashed(
                         f"actor {ref.name!r} crashed with no restart left: {exc!r}"
-                    ) from exc
+                    )
+                    crash.__cause__ = exc
+                    if on_crash is None:
+                        raise crash from exc
+                    log.error(
+                        "actor crashed; its supervisor handles it", actor=ref.name, error=repr(exc)
+                    )
+                    on_crash(crash)
+                    return
 
     @staticmethod
     async def _run(actor: Actor, mailbox: MemoryObjectReceiveStream[Any]) -> None:

@@ -115,6 +115,7 @@ class Scheduler(Actor):
         self.failed_workers: dict[str, str | None] = {}
 
     async def on_start(self) -> None:
+        self._t0 = time.perf_counter()
         self.dispatcher = self._dispatcher()
         for name in self.names:
             self.metrics.node(name)
@@ -239,4 +240,5 @@ class Scheduler(Actor):
             self.result.error = NodeFailedError(
                 f.node, f.attempts, f.error, f.traceback, self.failed_workers.get(f.node)
             )
+        self.metrics.execution_time = time.perf_counter() - self._t0
         self.result.finished.set()

@@ -27,7 +27,22 @@ CANCEL = "cancel"  # coordinator: drop queued work of these runs
 HEARTBEAT = "hb"  # either way, only when nothing else was sent lately
 RESET = "reset"  # coordinator: I do not know you (evicted, or I restarted): register again
 BYE = "bye"  # worker: leaving, handing back unstarted tasks; coordinator: going away
-KNOWN_TYPES = frozenset({HELLO, WELCOME, TASKS, STARTED, RESULTS, CANCEL, HEARTBEAT, RESET, BYE})
+
+# client <-> coordinator: every request carries "req", echoed by its answer
+SUBMIT = "submit"  # nodes, function specs and initial data -> run id
+STATUS = "status"  # one run's progress
+RESULT = "result"  # long-poll a run's outcome and outputs
+EVENTS = "events"  # a run's node events since a cursor
+CANCEL_RUN = "cancel_run"
+WORKERS = "workers"
+RUNS = "runs"
+OK = "ok"
+ERROR = "error"
+
+KNOWN_TYPES = frozenset(
+    {HELLO, WELCOME, TASKS, STARTED, RESULTS, CANCEL, HEARTBEAT, RESET, BYE}
+    | {SUBMIT, STATUS, RESULT, EVENTS, CANCEL_RUN, WORKERS, RUNS, OK, ERROR}
+)
 
 
 class MalformedMessage(ValueError):
