@@ -301,6 +301,7 @@ class Gateway(Actor):
         nodes = build_dag(nodes_in)
         check_inputs(nodes, keys)
         data = dict(zip(keys, values, strict=True))
+        workers = await self._worker_count()
         rec = RunRecord(
             run_id,
             nodes,
@@ -310,6 +311,7 @@ class Gateway(Actor):
             MetricsManager(node_count=len(nodes), backend="cluster"),
             EventLog(),
         )
+        rec.metrics.workers = workers
         self.runs[run_id] = rec
 
         def progress(p: Progress) -> None:

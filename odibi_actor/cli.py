@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         " threads: in this process",
     )
     run.add_argument(
+        "--address",
+        metavar="ADDR",
+        default=None,
+        help="run on an existing coordinator (its --client-listen address) instead of"
+        " starting local workers",
+    )
+    _curve_args(run)
+    run.add_argument(
         "--out",
         metavar="DIR",
         default=None,
@@ -84,7 +92,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     graph = sub.add_parser("graph", help="print the DAG as a Mermaid flowchart")
     graph.add_argument("target", metavar="TARGET", help="module path or .py file with dag()")
+
+    status = sub.add_parser(
+        "status",
+        help="show a coordinator's workers and runs",
+        description="Print the workers (host, slots, busy, last heartbeat) and runs"
+        " (progress) of a running odibi-coordinator.",
+    )
+    status.add_argument(
+        "--address",
+        required=True,
+        metavar="ADDR",
+        help="the coordinator's client address, e.g. tcp://127.0.0.1:5556",
+    )
+    _curve_args(status)
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    keygen = sub.add_parser(
+        "keygen",
+        help="create a CurveZMQ keypair",
+        description="Create NAME.key (public: copy it to the coordinator's authorised keys"
+        " directory, or, for the server's key, to workers and clients) and NAME.key_secret"
+        " (keep it private) in DIR.",
+    )
+    keygen.add_argument("name", metavar="NAME", help="key name, e.g. server, worker-1, alice")
+    keygen.add_argument("--dir", default="keys", help="directory for the keys (default: keys)")
     return p
+
+
+def _curve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--curve-secret",
+        metavar="FILE",
+        default=None,
+        help="your CurveZMQ secret key file, when the coordinator uses CurveZMQ",
+    )
+    p.add_argument(
+        "--server-key",
+        metavar="FILE",
+        default=None,
+        help="the coordinator's public key file (server.key)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,6 +144,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ._dag import to_mermaid
 
             print(to_mermaid(load_target(args.target).nodes))
+            return 0
+        if args.command == "status":
+            return _status(args, console)
+        if args.command == "keygen":
+            from ._security import keygen
+
+            public, secret = keygen(args.dir, args.name)
+            console.print(f"public key: {public}\nsecret key: {secret} (keep it private)")
             return 0
         return _run(args, console, err)
     except KeyboardInterrupt:
@@ -142,6 +198,9 @@ def _run(args: argparse.Namespace, console: Console, err: Console) -> int:
         nthreads=args.nthreads,
         backend=args.backend,
         progress=on_progress,
+        address=args.address,
+        curve_secret=args.curve_secret,
+        server_key=args.server_key,
     )
     structlog.get_logger("odibi_actor.cli").info(
         "run starting", target=args.target, nodes=len(pipeline.nodes), backend=args.backend
@@ -161,6 +220,50 @@ def _run(args: argparse.Namespace, console: Console, err: Console) -> int:
         f" {m.workers} {'threads' if args.backend == 'threads' else 'workers'}"
         + (f"; outputs in {data['out_dir']}" if "out_dir" in data else "")
     )
+    return 0
+
+
+def _status(args: argparse.Namespace, console: Console) -> int:
+    import json
+    import time
+
+    from .client import Client
+
+    with Client(
+        args.address, curve_secret=args.curve_secret, server_key=args.server_key, timeout=10
+    ) as client:
+        workers, runs = client.workers(), client.runs()
+    if args.json:
+        print(json.dumps({"workers": workers, "runs": runs}, indent=2))
+        return 0
+    wt = Table(title=f"{len(workers)} workers")
+    for col in ("name", "host", "pid", "slots", "busy", "queued", "last heartbeat"):
+        wt.add_column(col)
+    for w in workers:
+        wt.add_row(
+            w["name"],
+            w["host"],
+            str(w["pid"]),
+            str(w["slots"]),
+            str(w["busy"]),
+            str(w["queued"]),
+            f"{w['last_heartbeat']:.1f}s ago",
+        )
+    rt = Table(title=f"{len(runs)} runs")
+    for col in ("run", "state", "progress", "running", "failed", "age"):
+        rt.add_column(col)
+    now = time.time()
+    for r in runs:
+        rt.add_row(
+            r["run"],
+            r["state"],
+            f"{r['done']}/{r['total']}",
+            str(r["running"]),
+            str(r["failed"]),
+            f"{now - r['submitted']:.0f}s",
+        )
+    console.print(wt)
+    console.print(rt)
     return 0
 
 

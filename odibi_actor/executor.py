@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import structlog
 import zmq
 import zmq.asyncio
@@ -59,6 +60,10 @@ class DAGExecutor:
         nthreads: int = 1,
         allowed_failures: int = 3,
         progress: Callable[[Progress], None] | None = None,
+        address: str | None = None,
+        curve_secret: str | None = None,
+        server_key: str | None = None,
+        timeout: float | None = None,
     ) -> None:
         if isinstance(nodes, DAGBuilder):
             self.nodes = nodes.build()
@@ -87,6 +92,11 @@ class DAGExecutor:
         self.hooks = Hooks(tracker, events, progress)
         self.metrics = MetricsManager(node_count=len(self.nodes), backend=backend)
         self.worker_pids: list[int] = []
+        # an existing coordinator's client address: run there instead of on local workers
+        self.address = address
+        self.curve = (curve_secret, server_key)
+        self.timeout = timeout
+        self.run_id: str | None = None
 
     # --- public API ----------------------------------------------------------------------
     def run(self, initial_data: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -122,6 +132,8 @@ class DAGExecutor:
         self._emit("pipeline_start", nodes=len(self.nodes))
         t0 = time.perf_counter()
         try:
+            if self.address is not None:
+                return await self._run_remote(data)
             if self.backend == "threads":
                 self.metrics.workers = self.workers * self.nthreads
                 await self._run_threads(data, result)
@@ -140,6 +152,41 @@ class DAGExecutor:
         return out
 
     # --- backends ------------------------------------------------------------------------
+    async def _run_remote(self, data: dict[str, Any]) -> dict[str, Any]:
+        from .client import Client
+
+        client = Client(self.address or "", curve_secret=self.curve[0], server_key=self.curve[1])
+        try:
+            handle = await anyio.to_thread.run_sync(client.submit, self.nodes, data)
+            self.run_id = handle.run_id
+            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            while True:
+                status = await anyio.to_thread.run_sync(handle.status)
+                if self.hooks.progress is not None:
+                    snap = Progress(
+                        status["total"],
+                        status["done"],
+                        status["running"],
+                        status["failed"],
+                        status["ready"],
+                    )
+                    self.hooks.call("progress", self.hooks.progress, snap)
+                if status["state"] in ("done", "failed", "cancelled"):
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"run {handle.run_id} did not finish within {self.timeout:g}s;"
+                        " it goes on on the coordinator: Client.attach() picks it up"
+                    )
+                await anyio.sleep(0.25)
+            try:
+                return await anyio.to_thread.run_sync(handle.result)
+            finally:
+                if handle.metrics is not None:
+                    self.metrics = handle.metrics
+        finally:
+            client.close()
+
     def _scheduler(self, data: dict[str, Any], result: RunResult, dispatcher: Any) -> Scheduler:
         return Scheduler(
             self.nodes, data, dispatcher, self.metrics, result, self.hooks, self.allowed_failures
