@@ -1,0 +1,139 @@
+"""Real coordinator and worker processes for cluster tests, always cleaned up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from odibi_actor.client import Client
+
+
+def free_port() -> int:
+    """A TCP port whose successor is free too (the client address is listen port + 1)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p or os.getcwd() for p in sys.path))
+    return env
+
+
+@dataclass
+class Cluster:
+    """A coordinator on loopback plus named workers, each a real process."""
+
+    port: int
+    host: str = "127.0.0.1"
+    coordinator_args: Sequence[str] = ()
+    worker_args: Sequence[str] = ()
+    netns: str | None = None  # run the coordinator inside this network namespace
+    coordinator: subprocess.Popen[bytes] | None = None
+    workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    log_dir: str | None = None
+
+    @property
+    def listen(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+    @property
+    def client_address(self) -> str:
+        return f"tcp://{self.host}:{self.port + 1}"
+
+    def _popen(self, cmd: list[str], name: str, netns: str | None) -> subprocess.Popen[bytes]:
+        if netns:
+            cmd = ["ip", "netns", "exec", netns, *cmd]
+        out: Any = subprocess.DEVNULL
+        if self.log_dir:
+            out = open(os.path.join(self.log_dir, f"{name}.log"), "ab")  # noqa: SIM115
+        return subprocess.Popen(
+            cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def start_coordinator(self, *extra: str) -> subprocess.Popen[bytes]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "odibi_actor.coordinator",
+            "--listen",
+            self.listen,
+            "--log-level",
+            "info",
+            *self.coordinator_args,
+            *extra,
+        ]
+        self.coordinator = self._popen(cmd, "coordinator", self.netns)
+        return self.coordinator
+
+    def start_worker(
+        self, name: str, *extra: str, netns: str | None = None, address: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "odibi_actor.worker",
+            address or self.listen,
+            "--name",
+            name,
+            "--log-level",
+            "info",
+            *self.worker_args,
+            *extra,
+        ]
+        proc = self.workers[name] = self._popen(cmd, name, netns)
+        return proc
+
+    def client(self, **kwargs: Any) -> Client:
+        kwargs.setdefault("timeout", 10)
+        return Client(self.client_address, **kwargs)
+
+    def wait_for_workers(self, n: int, timeout: float = 20.0, **client_kwargs: Any) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        with self.client(**client_kwargs) as c:
+            while True:
+                try:
+                    workers = c.workers()
+                except Exception:
+                    workers = []
+                if len(workers) >= n:
+                    return workers
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"only {len(workers)} of {n} workers registered")
+                time.sleep(0.1)
+
+    def kill_coordinator(self, sig: int = signal.SIGKILL) -> None:
+        if self.coordinator is not None and self.coordinator.poll() is None:
+            os.killpg(self.coordinator.pid, sig)
+            self.coordinator.wait(10)
+
+    def close(self) -> None:
+        procs = [*self.workers.values(), *([self.coordinator] if self.coordinator else [])]
+        for p in procs:
+            if p.poll() is None:
+                for sig in (signal.SIGCONT, signal.SIGKILL):
+                    try:
+                        os.killpg(p.pid, sig)
+                    except ProcessLookupError:
+                        pass
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
