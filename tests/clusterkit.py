@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -128,12 +129,8 @@ class Cluster:
         for p in procs:
             if p.poll() is None:
                 for sig in (signal.SIGCONT, signal.SIGKILL):
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.killpg(p.pid, sig)
-                    except ProcessLookupError:
-                        pass
         for p in procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
