@@ -66,11 +66,11 @@ class DAGBuilder:
         outs = _names(name, "outputs", outputs)
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise DAGValidationError(f"node {name!r}: retries must be an int >= 0, got {retries!r}")
-        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
+        if timeout is not None and not (_is_number(timeout) and timeout > 0):
             raise DAGValidationError(f"node {name!r}: timeout must be > 0 seconds, got {timeout!r}")
-        if not retry_delay >= 0:
+        if not (_is_number(retry_delay) and retry_delay >= 0):
             raise DAGValidationError(
-                f"node {name!r}: retry_delay must be >= 0, got {retry_delay!r}"
+                f"node {name!r}: retry_delay must be >= 0 seconds, got {retry_delay!r}"
             )
         self._nodes[name] = DAGNode(name, fn, ins, outs, retries, timeout, float(retry_delay))
         return self
@@ -81,6 +81,10 @@ class DAGBuilder:
 
     def to_mermaid(self) -> str:
         return to_mermaid(self.build())
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
 def _names(node: str, what: str, values: Iterable[str]) -> tuple[str, ...]:
