@@ -32,6 +32,7 @@ class NodeStatus:
     missing: int  # dependencies not done yet
     attempt: int = 0  # the attempt currently or last handed out
     lost: int = 0  # attempts whose worker died under them
+    failures: int = 0  # attempts that failed (requeued and lost ones do not count)
     error: str | None = None
     traceback: str | None = None
 
@@ -62,7 +63,8 @@ def backoff_delay(base: float, failed_attempt: int, cap: float = 30.0) -> float:
     """Exponential backoff with full jitter, so retries of many nodes do not stampede."""
     if base <= 0:
         return 0.0
-    return random.uniform(0.5, 1.0) * min(cap, base * 2 ** (failed_attempt - 1))
+    exponent = min(failed_attempt - 1, 60)  # 2**60 * any base is past any cap
+    return random.uniform(0.5, 1.0) * min(cap, base * 2.0**exponent)
 
 
 class RunState:
@@ -162,8 +164,9 @@ class RunState:
             return Ignored
         self.running -= 1
         st.error, st.traceback = error, traceback
+        st.failures += 1
         node = self._nodes[name]
-        if attempt <= node.retries and not self.stopping:
+        if st.failures <= node.retries and not self.stopping:
             at = now + backoff_delay(node.retry_delay, attempt)
             st.state = State.BACKOFF
             heapq.heappush(self._backoff, (at, name, attempt))

@@ -96,11 +96,16 @@ def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], list[Packed]]:
         raise MalformedMessage("header is not a map")
     if header.get("v") != PROTOCOL_VERSION:
         raise MalformedMessage(f"unsupported protocol version {header.get('v')!r}")
-    if header.get("t") not in KNOWN_TYPES:
-        raise MalformedMessage(f"unknown message type {header.get('t')!r}")
+    kind = header.get("t")
+    if not isinstance(kind, str) or kind not in KNOWN_TYPES:
+        raise MalformedMessage(f"unknown message type {kind!r}")
     lens, nbufs = header.get("lens", []), header.get("nbufs", [])
     if not lens:
+        if len(frames) != 1:
+            raise MalformedMessage("frames without a payload layout in the header")
         return header, []
+    if not (_counts(lens) and _counts(nbufs)):
+        raise MalformedMessage("payload layout must be lists of non-negative integers")
     try:
         if len(lens) != len(nbufs) or len(frames) != 2 + sum(nbufs):
             raise MalformedMessage("frame count does not match the header")
@@ -118,6 +123,10 @@ def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], list[Packed]]:
     except Exception as exc:
         raise MalformedMessage(f"bad payload layout: {exc!r}") from None
     return header, values
+
+
+def _counts(values: Any) -> bool:
+    return isinstance(values, list) and all(type(v) is int and v >= 0 for v in values)
 
 
 def _view(frame: Any) -> memoryview:
