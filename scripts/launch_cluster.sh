@@ -23,11 +23,14 @@ idempotent: start leaves running processes alone, stop on a stopped cluster is f
           coordinator likewise. Exit 1 only if a host could not be reached.
   status  per host: running (pid), stopped or unreachable; and the coordinator.
           Exit 0 if the coordinator and every worker are running, 1 otherwise.
+          When the coordinator runs, it is also asked which workers registered
+          ('odibi status --json'); that is informational only.
 
 Hosts file (like Spark's conf/workers): one host per line, optionally followed by a slot
 count, which becomes the worker's --nthreads. '#' starts a comment; blank lines are
-ignored. Hosts may be written user@host or ssh://[user@]host[:port]. A host listed twice
-gets two workers. Workers are named HOST-N, N counting that host's lines from 1.
+ignored. Hosts may be written user@host or ssh://[user@]host[:port] (a -p in ODIBI_SSH
+overrides that port). A host listed twice gets two workers. Workers are named HOST-N, N
+counting that host's lines from 1.
 
     # host            slots
     10.0.0.11         8
@@ -59,9 +62,14 @@ Environment (defaults in brackets):
                           ~/.odibi/keys/server.key" [none]
   ODIBI_START_WAIT        seconds a new process must stay alive to count as started [2]
   ODIBI_STOP_TIMEOUT      seconds between SIGTERM and SIGKILL on stop [60]
+  ODIBI_CLI               the odibi command, used by status [odibi]
+  ODIBI_CLI_ARGS          extra 'odibi status' flags, e.g. the client's curve keys
+                          "--curve-secret ~/.odibi/keys/admin.key_secret --server-key
+                           ~/.odibi/keys/server.key" [none]
 
-The *_CMD and *_ARGS values are shell text, run by sh on the machine concerned (so ~ and
-\$HOME expand there); commands may start with VAR=value assignments.
+ODIBI_SSH is shell text (quotes work) run here. The *_CMD, *_WORKER and *_ARGS values are
+shell text run by sh on the machine concerned (so ~ and \$HOME expand there); commands may
+start with VAR=value assignments.
 
 Exit status: 0 all well, 1 some process is not up (or a host unreachable), 2 usage or
 configuration error (missing hosts file, malformed line, no hosts).
@@ -87,12 +95,16 @@ COORDINATOR_ARGS=${ODIBI_COORDINATOR_ARGS:-}
 WORKER_ARGS=${ODIBI_WORKER_ARGS:-}
 START_WAIT=${ODIBI_START_WAIT:-2}
 STOP_TIMEOUT=${ODIBI_STOP_TIMEOUT:-60}
+ODIBI_CLI=${ODIBI_CLI:-odibi}
+ODIBI_CLI_ARGS=${ODIBI_CLI_ARGS:-}
 
-read -r -a SSH_CMD <<<"$SSH_TEXT"
+SSH_CMD=()
 
 check_config() {
   [[ $START_WAIT =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "ODIBI_START_WAIT='$START_WAIT' is not a number of seconds"
   [[ $STOP_TIMEOUT =~ ^[0-9]+$ ]] || die "ODIBI_STOP_TIMEOUT='$STOP_TIMEOUT' is not a whole number of seconds"
+  # Shell text like the other commands, so quoted options work: -o "ProxyCommand=...".
+  eval "SSH_CMD=($SSH_TEXT)" || die "cannot parse ODIBI_SSH: $SSH_TEXT"
   [ "${#SSH_CMD[@]}" -gt 0 ] || die "ODIBI_SSH is empty"
   # shellcheck disable=SC2088  # a literal ~ is meant here
   case $STATE_DIR in
@@ -123,6 +135,8 @@ state_expr() {
 HOSTS=()  # as written (ssh destination)
 SLOTS=()  # slot count, or empty
 NAMES=()  # worker name HOST-N
+HOST_W=9  # report column widths
+NAME_W=11
 
 parse_hosts() {
   [ -e "$HOSTS_FILE" ] || die "hosts file $HOSTS_FILE not found (set ODIBI_HOSTS, or list your worker hosts in workers/hosts)"
@@ -154,6 +168,8 @@ parse_hosts() {
     HOSTS+=("$host")
     SLOTS+=("$slots")
     NAMES+=("$bare-${count[$bare]}")
+    if [ "${#host}" -gt "$HOST_W" ]; then HOST_W=${#host}; fi
+    if [ "${#NAMES[-1]}" -gt "$NAME_W" ]; then NAME_W=${#NAMES[-1]}; fi
   done <"$HOSTS_FILE"
   [ "${#HOSTS[@]}" -gt 0 ] || die "hosts file $HOSTS_FILE lists no hosts (every line is blank or a comment)"
 }
@@ -322,11 +338,17 @@ result() {
   fi
 }
 
-row() { printf '%-24s %-22s %-16s %s\n' "$1" "$2" "$3" "$4"; }
+row() { printf '%-*s  %-*s  %-15s  %s\n' "$HOST_W" "$1" "$NAME_W" "$2" "$3" "$4"; }
 more() { if [ -n "$R_MORE" ]; then printf '%s\n' "$R_MORE" | sed 's/^/    /'; fi; }
 header() { row HOST PROCESS STATE DETAIL; }
 
-slots_text() { if [ -n "${SLOTS[$1]}" ]; then printf ', %s slots' "${SLOTS[$1]}"; fi; }
+slots_text() {
+  case ${SLOTS[$1]} in
+    '') ;;
+    1) printf ', 1 slot' ;;
+    *) printf ', %s slots' "${SLOTS[$1]}" ;;
+  esac
+}
 
 cmd_start() {
   local ok=0 i
@@ -384,9 +406,19 @@ cmd_stop() {
 }
 
 status_row() {
-  local host=$1 name=$2
+  local host=$1 name=$2 detail
   case $R_STATE in
-    running) row "$host" "$name" running "pid $R_PID" ;;
+    running)
+      detail="pid $R_PID"
+      if [ -n "$REGISTERED" ] && [ "$name" != coordinator ]; then
+        if grep -qxF "$name" <<<"$REGISTERED"; then
+          detail+=", registered"
+        else
+          detail+=", not registered with the coordinator (yet?)"
+        fi
+      fi
+      row "$host" "$name" running "$detail"
+      ;;
     stopped) row "$host" "$name" stopped "" && return 1 ;;
     died) row "$host" "$name" stopped "" && more && return 1 ;;
     unreachable) row "$host" "$name" unreachable "$R_WHY" && return 1 ;;
@@ -395,18 +427,54 @@ status_row() {
   esac
 }
 
+# The coordinator's client address: --client-listen, else the --listen port + 1.
+client_address() {
+  if [ -n "$CLIENT_LISTEN" ]; then
+    printf '%s' "$CLIENT_LISTEN"
+  elif [[ $LISTEN =~ ^tcp://(.+):([0-9]+)$ ]]; then
+    local host=${BASH_REMATCH[1]} port=${BASH_REMATCH[2]}
+    case $host in '*' | 0.0.0.0) host=127.0.0.1 ;; '[::]') host='[::1]' ;; esac
+    printf 'tcp://%s:%s' "$host" "$((port + 1))"
+  fi
+}
+
+# Asks the coordinator which workers it knows (odibi status --json), best effort: sets
+# REGISTERED (one name a line) and STATUS_NOTE; never fails.
+REGISTERED='' STATUS_NOTE=''
+query_coordinator() {
+  local addr line rc=0 limit=()
+  addr=$(client_address)
+  [ -n "$addr" ] || return 0
+  line="exec env $ODIBI_CLI status --address $(q "$addr") --json"
+  if [ -n "$ODIBI_CLI_ARGS" ]; then line+=" $ODIBI_CLI_ARGS"; fi
+  if command -v timeout >/dev/null 2>&1; then limit=(timeout 20); fi
+  "${limit[@]}" sh -c "$line" </dev/null >"$TMP/odibi-status.json" 2>"$TMP/odibi-status.err" || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    STATUS_NOTE="(odibi status --address $addr failed, exit $rc: $(tail -n 1 "$TMP/odibi-status.err"))"
+    return 0
+  fi
+  REGISTERED=$(sed -n 's/^ *"name": "\(.*\)",\{0,1\}$/\1/p' "$TMP/odibi-status.json")
+  local n
+  n=$(grep -c . <<<"$REGISTERED" || true)
+  STATUS_NOTE="the coordinator at $addr reports $n registered workers (odibi status)"
+  # An empty list still proves the query worked: mark it with a line no worker has.
+  REGISTERED=${REGISTERED:-$'\n'}
+}
+
 cmd_status() {
   local ok=0 up=0 i
-  header
   run_coordinator status
   run_workers status
   result c
+  if [ "$R_STATE" = running ]; then query_coordinator; fi
+  header
   status_row "(local)" coordinator || ok=1
   for i in "${!HOSTS[@]}"; do
     result "$i"
     if status_row "${HOSTS[i]}" "${NAMES[i]}"; then up=$((up + 1)); else ok=1; fi
   done
   echo "$up of ${#HOSTS[@]} workers running"
+  if [ -n "$STATUS_NOTE" ]; then echo "$STATUS_NOTE"; fi
   return "$ok"
 }
 

@@ -10,6 +10,11 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   . .venv/bin/activate
 fi
 
+# scripts/launch_cluster.sh is tested against a real sshd on loopback (Debian's openssh-server).
+if [ "$(id -u)" = 0 ] && ! command -v sshd >/dev/null && [ ! -x /usr/sbin/sshd ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server
+fi
+
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet -e '.[test]'
 
