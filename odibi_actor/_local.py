@@ -17,7 +17,21 @@ import anyio
 import structlog
 from anyio.abc import Process, TaskGroup
 
+from .errors import OdibiError
+
 log = structlog.get_logger("odibi_actor.local")
+
+INSIDE_WORKER = "ODIBI_INSIDE_WORKER"  # set in local workers' environment
+
+
+def check_not_inside_worker() -> None:
+    """Refuse to spawn workers from a worker: an import-time run would recurse forever."""
+    if os.environ.get(INSIDE_WORKER):
+        raise OdibiError(
+            "a step (or a module a worker imported) started local worker processes from"
+            " inside a worker; guard the script's run with `if __name__ == '__main__':`,"
+            " or use backend='threads' inside steps"
+        )
 
 
 def _child_env() -> dict[str, str]:
@@ -25,6 +39,7 @@ def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     paths = [p or os.getcwd() for p in sys.path]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env[INSIDE_WORKER] = "1"
     return env
 
 
@@ -50,6 +65,7 @@ class LocalWorkers:
         self._seq = 0
 
     async def __aenter__(self) -> LocalWorkers:
+        check_not_inside_worker()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         for _ in range(self.n):
@@ -69,6 +85,8 @@ class LocalWorkers:
         return [p.pid for p in self.procs.values()]
 
     async def _spawn(self) -> None:
+        if self._closing:
+            return
         name = f"local-{self._seq}"
         self._seq += 1
         cmd = [
@@ -89,6 +107,8 @@ class LocalWorkers:
             cmd, stdin=subprocess.DEVNULL, stdout=None, stderr=None, env=_child_env()
         )
         self.procs[name] = proc
+        if self._closing:  # stop() began while we were starting it: it sees it in procs
+            proc.kill()
         assert self._tg is not None
         self._tg.start_soon(self._watch, name, proc)
 
@@ -101,7 +121,7 @@ class LocalWorkers:
         log.warning("local worker exited", worker=name, exit_code=code, respawning=respawn)
         if self.on_exit is not None:
             self.on_exit(name, code, respawn or bool(self.procs))
-        if respawn:
+        if respawn and not self._closing:
             self.respawns_left -= 1
             await self._spawn()
 

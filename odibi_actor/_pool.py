@@ -437,17 +437,38 @@ class WorkerPool(Actor):
                 run.scheduler.tell(Credit(want))
 
     async def _place(self) -> None:
+        """Fill idle threads first, across all workers; only then queue ahead (prefetch).
+
+        Each worker's share is taken from the runs' backlogs in turn, so every run with
+        work waiting gets a fair part of the slots that free up.
+        """
         if not self._rr:
             return
         batches: dict[tuple[bytes, str], list[TaskSpec]] = {}
-        for w in sorted(self.workers.values(), key=WorkerState.free, reverse=True):
-            free = w.free()
+        workers = [w for w in self.workers.values() if w.free() > 0]
+        idle = [(w, min(w.free(), w.nthreads - len(w.inflight))) for w in workers]
+        self._fill([(w, n) for w, n in idle if n > 0], batches)
+        workers = [w for w in workers if w.free() > 0]
+        while self._rr and workers:
+            backlog = sum(len(self.runs[r].backlog) for r in self._rr if r in self.runs)
+            share = -(-backlog // len(workers))  # spread the rest evenly
+            self._fill([(w, min(w.free(), share)) for w in workers], batches)
+            workers = [w for w in workers if w.free() > 0]
+        for (identity, run_id), batch in batches.items():
+            w = self.workers.get(identity)
+            if w is not None:
+                await self._send_tasks(w, self.runs[run_id], batch)
+
+    def _fill(
+        self, slots: list[tuple[WorkerState, int]], batches: dict[tuple[bytes, str], list[TaskSpec]]
+    ) -> None:
+        """Give each worker up to its number of tasks, taking runs round-robin."""
+        for w, free in slots:
             while free > 0 and self._rr:
                 run = self.runs.get(self._rr[0])
                 if run is None or not run.backlog:
                     self._rr.popleft()
                     continue
-                # one run gets a fair slice of this worker's room, then the next run
                 take = min(free, len(run.backlog), max(1, free // len(self._rr)))
                 batch = batches.setdefault((w.identity, run.run_id), [])
                 for _ in range(take):
@@ -456,13 +477,10 @@ class WorkerPool(Actor):
                     batch.append(spec)
                 run.inflight += take
                 free -= take
-                self._rr.rotate(-1)
-                if not run.backlog:
-                    self._rr.remove(run.run_id)
-        for (identity, run_id), batch in batches.items():
-            w = self.workers.get(identity)
-            if w is not None:
-                await self._send_tasks(w, self.runs[run_id], batch)
+                if run.backlog:
+                    self._rr.rotate(-1)
+                else:
+                    self._rr.popleft()
 
     async def _send_tasks(self, w: WorkerState, run: PoolRun, batch: list[TaskSpec]) -> None:
         fns: dict[int, Any] = {}

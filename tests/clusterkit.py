@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -134,3 +135,59 @@ class Cluster:
         for p in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(10)
+
+    # --- helpers for assertions ------------------------------------------------------------
+    def log_tail(self, *names: str, lines: int = 30) -> str:
+        """The last ``lines`` of each named log (default: all), for assertion messages."""
+        if not self.log_dir:
+            return "(no log_dir set)"
+        if not names:
+            names = tuple(sorted(f[:-4] for f in os.listdir(self.log_dir) if f.endswith(".log")))
+        out = []
+        for name in names:
+            path = os.path.join(self.log_dir, f"{name}.log")
+            try:
+                with open(path, "rb") as f:
+                    text = f.read().decode("utf-8", "replace")
+            except OSError as exc:
+                text = f"(unreadable: {exc})"
+            tail = "\n".join(strip_ansi(text).splitlines()[-lines:])
+            out.append(f"----- {name}.log (last {lines} lines) -----\n{tail}")
+        return "\n".join(out)
+
+    def log_text(self, name: str) -> str:
+        """A whole log, ANSI colours stripped ("" if missing)."""
+        if not self.log_dir:
+            return ""
+        try:
+            with open(os.path.join(self.log_dir, f"{name}.log"), "rb") as f:
+                return strip_ansi(f.read().decode("utf-8", "replace"))
+        except OSError:
+            return ""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def env() -> dict[str, str]:
+    """The environment cluster processes get: this interpreter's sys.path as PYTHONPATH."""
+    return _env()
+
+
+def run_module(
+    module: str, *args: str, timeout: float = 60.0, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m module args...`` to completion, capturing text stdout and stderr."""
+    extra_env = kwargs.pop("env", None) or {}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env={**_env(), **extra_env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
