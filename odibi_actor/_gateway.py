@@ -25,7 +25,7 @@ import zmq
 import zmq.asyncio
 
 from . import _wire as wire
-from ._dag import DAGNode, build_dag, check_inputs
+from ._dag import DAGBuilder, DAGNode, check_inputs
 from ._kernel import Actor, ActorRef
 from ._messages import Abort
 from ._pool import AddRun, PoolRun, PoolStatus, RemoveRun
@@ -46,6 +46,14 @@ class RunCancelled(OdibiError):
 
 class CoordinatorShuttingDown(OdibiError):
     """The coordinator is draining and accepts no new runs."""
+
+
+def _fn_spec(node: str, spec: Any) -> tuple[str, Any]:
+    if isinstance(spec, list | tuple) and len(spec) == 2:
+        kind, body = spec
+        if (kind == "ref" and isinstance(body, str)) or (kind == "val" and isinstance(body, bytes)):
+            return kind, body
+    raise ValueError(f"node {node!r}: bad function spec")
 
 
 def _remote_step(*_: Any) -> Any:
@@ -224,7 +232,7 @@ class Gateway(Actor):
         except wire.MalformedMessage as exc:
             self.dropped += 1
             log.warning("dropped bad client message", peer=identity[:64], error=str(exc))
-        except (OdibiError, KeyError, TypeError, ValueError) as exc:
+        except Exception as exc:  # a bad request gets an answer, never a crashed gateway
             await self._reply_error(identity, req, exc)
 
     def _handlers(self) -> dict[str, Callable[..., Any]]:
@@ -278,29 +286,18 @@ class Gateway(Actor):
         specs, keys = header["fns"], [str(k) for k in header["keys"]]
         if len(keys) != len(values) or len(specs) != len(header["nodes"]):
             raise wire.MalformedMessage("submit: counts of keys/values or nodes/fns differ")
-        nodes_in, spec_of = [], {}
+        builder, spec_of = DAGBuilder(), {}
         for (name, inputs, outputs, retries, timeout, retry_delay), spec in zip(
             header["nodes"], specs, strict=True
         ):
-            if not (
-                isinstance(spec, list | tuple) and len(spec) == 2 and spec[0] in ("ref", "val")
-            ):
-                raise ValueError(f"node {name!r}: bad function spec")
-            nodes_in.append(
-                DAGNode(
-                    str(name),
-                    _remote_step,
-                    tuple(map(str, inputs)),
-                    tuple(map(str, outputs)),
-                    int(retries),
-                    None if timeout is None else float(timeout),
-                    float(retry_delay),
-                )
+            builder.add_node(
+                str(name), _remote_step, inputs, outputs, retries, timeout, retry_delay
             )
-            spec_of[str(name)] = (spec[0], spec[1])
-        nodes = build_dag(nodes_in)
+            spec_of[str(name)] = _fn_spec(str(name), spec)
+        nodes = builder.build()
         check_inputs(nodes, keys)
         data = dict(zip(keys, values, strict=True))
+        pool_run_specs = [spec_of[n] for n in nodes]
         workers = await self._worker_count()
         rec = RunRecord(
             run_id,
@@ -338,11 +335,7 @@ class Gateway(Actor):
             f"scheduler-{run_id}",
             on_crash=crashed,
         )
-        self.pool.tell(
-            AddRun(
-                PoolRun(run_id, rec.scheduler, list(nodes.values()), [spec_of[n] for n in nodes])
-            )
-        )
+        self.pool.tell(AddRun(PoolRun(run_id, rec.scheduler, list(nodes.values()), pool_run_specs)))
         ref = self.ref
 
         async def watch() -> None:

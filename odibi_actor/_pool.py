@@ -126,6 +126,18 @@ class _Tick:
 _TICK = _Tick()
 
 
+def _int(value: Any) -> int:
+    if type(value) is not int:
+        raise wire.MalformedMessage(f"expected an integer, got {value!r:.40}")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if not isinstance(value, int | float) or not 0 <= value < 1e9:  # also refuses NaN
+        raise wire.MalformedMessage(f"bad duration {value!r:.40}")
+    return float(value)
+
+
 def _index(tid: Any, order: Sequence[Any]) -> int:
     if type(tid) is not int or not 0 <= tid < len(order):
         raise wire.MalformedMessage(f"no task {tid!r} in this run")
@@ -159,6 +171,7 @@ class WorkerPool(Actor):
         self.dropped = 0
         self.evicted = 0
         self.closing = False  # said goodbye: late arrivals get a goodbye too
+        self._last_tick = time.monotonic()
 
     async def on_start(self) -> None:
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -254,18 +267,18 @@ class WorkerPool(Actor):
             elif kind == wire.RESULTS:
                 self._on_results(worker, header, values)
             elif kind == wire.STARTED:
-                self._on_started(header)
+                self._on_started(w=worker, header=header)
             elif kind == wire.BYE:
                 self._on_bye(worker, header)
             elif kind != wire.HEARTBEAT:
                 raise wire.MalformedMessage(f"unexpected {kind!r} from a worker")
-        except (wire.MalformedMessage, KeyError, TypeError, ValueError, IndexError) as exc:
+        except Exception as exc:  # a hostile or broken peer must never take the pool down
             self.dropped += 1
-            log.warning("dropped bad message", peer=identity[:64], error=str(exc))
+            log.warning("dropped bad message", peer=identity[:64], error=str(exc) or repr(exc))
 
     async def _register(self, identity: bytes, header: dict[str, Any]) -> None:
-        nthreads = int(header["nthreads"])
-        if not 1 <= nthreads <= 4096:
+        nthreads = header["nthreads"]
+        if type(nthreads) is not int or not 1 <= nthreads <= 4096:
             raise wire.MalformedMessage(f"bad nthreads {nthreads!r}")
         now = time.monotonic()
         w = WorkerState(
@@ -273,7 +286,7 @@ class WorkerPool(Actor):
             str(header["name"])[:200],
             nthreads,
             str(header.get("host", ""))[:200],
-            int(header.get("pid", 0)),
+            _int(header.get("pid", 0)),
             last_seen=now,
         )
         w.target = nthreads * self._prefetch()
@@ -281,7 +294,15 @@ class WorkerPool(Actor):
         if old is not None:
             self._forget(old, f"worker {old.name} registered again")
         self.workers[identity] = w
-        await self._send(w, {"t": wire.WELCOME, "runs": list(self.runs), "epoch": self.epoch})
+        await self._send(
+            w,
+            {
+                "t": wire.WELCOME,
+                "runs": list(self.runs),
+                "epoch": self.epoch,
+                "max_frame": self.max_message_size,
+            },
+        )
         log.info("worker joined", worker=w.name, host=w.host, nthreads=nthreads)
 
     def _on_results(self, w: WorkerState, header: dict[str, Any], values: list[Any]) -> None:
@@ -297,8 +318,9 @@ class WorkerPool(Actor):
             n = len(order[_index(tid, order)].outputs)
             if pos + n > len(values):
                 raise wire.MalformedMessage("result values do not match the nodes' outputs")
+            duration = _seconds(duration)
             outcomes.append(
-                Outcome(tid, attempt, duration, tuple(values[pos : pos + n]), worker=w.name)
+                Outcome(tid, _int(attempt), duration, tuple(values[pos : pos + n]), worker=w.name)
             )
             pos += n
             total += duration
@@ -307,26 +329,34 @@ class WorkerPool(Actor):
         for tid, attempt, duration, error, tb in header["err"]:
             _index(tid, order)
             outcomes.append(
-                Outcome(tid, attempt, duration, error=str(error), traceback=str(tb), worker=w.name)
+                Outcome(
+                    tid,
+                    _int(attempt),
+                    _seconds(duration),
+                    error=str(error)[:100_000],
+                    traceback=str(tb)[:100_000],
+                    worker=w.name,
+                )
             )
         for o in outcomes:
             if w.inflight.get((rid, o.tid)) == o.attempt:
                 del w.inflight[(rid, o.tid)]
                 run.inflight -= 1
-            run.deadlines.pop(o.tid, None)
+            if run.deadlines.get(o.tid, (None,))[0] == o.attempt:
+                del run.deadlines[o.tid]
         if header["ok"]:
             self._learn(total / len(header["ok"]))
         if outcomes:
             run.scheduler.tell(Outcomes(outcomes))
 
-    def _on_started(self, header: dict[str, Any]) -> None:
+    def _on_started(self, w: WorkerState, header: dict[str, Any]) -> None:
         run = self.runs.get(str(header["run"]))
         if run is None:
             return
         now = time.monotonic()
         for tid, attempt in header["tasks"]:
             timeout = run.order[_index(tid, run.order)].timeout
-            if timeout is not None:
+            if timeout is not None and w.inflight.get((run.run_id, tid)) == attempt:
                 run.deadlines[tid] = (attempt, now + timeout + self.heartbeat_timeout)
 
     def _on_bye(self, w: WorkerState, header: dict[str, Any]) -> None:
@@ -375,6 +405,11 @@ class WorkerPool(Actor):
 
     async def _on_tick(self) -> None:
         now = time.monotonic()
+        stalled = now - self._last_tick > self.heartbeat
+        self._last_tick = now
+        if stalled:  # we were frozen (or starved): silence was ours; give everyone time
+            for w in self.workers.values():
+                w.last_seen = max(w.last_seen, now - self.heartbeat)
         for w in list(self.workers.values()):
             if now - w.last_seen > self.heartbeat_timeout:
                 self.evicted += 1

@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ._security import keygen
 
             public, secret = keygen(args.dir, args.name)
-            console.print(f"public key: {public}\nsecret key: {secret} (keep it private)")
+            print(f"public key: {public}\nsecret key: {secret} (keep it private)")
             return 0
         return _run(args, console, err)
     except KeyboardInterrupt:

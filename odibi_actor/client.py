@@ -30,6 +30,17 @@ class CoordinatorError(OdibiError):
     """The coordinator refused a request or could not be reached."""
 
 
+class CoordinatorUnreachable(CoordinatorError):
+    """No answer within the timeout: the coordinator is down, restarting or unreachable."""
+
+
+class RunNotFound(CoordinatorError, KeyError):
+    """The coordinator does not know this run (never submitted there, or expired)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "run not found"
+
+
 class RunFailed(OdibiError):
     """A run ended without its outputs for a reason other than a failing node."""
 
@@ -110,15 +121,13 @@ class Client:
         self.close()
 
     # --- plumbing ------------------------------------------------------------------------
-    def _socket(self) -> zmq.Socket[Any]:
-        if self._sock is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            if self._options is not None:
-                self._options(sock)
-            sock.connect(self.address)
-            self._sock = sock
-        return self._sock
+    def _new_socket(self) -> zmq.Socket[Any]:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self._options is not None:
+            self._options(sock)
+        sock.connect(self.address)
+        return sock
 
     def _request(
         self,
@@ -126,36 +135,53 @@ class Client:
         values: list[Packed] | None = None,
         timeout: float | None = None,
         retries: int = 1,
+        sock: zmq.Socket[Any] | None = None,
     ) -> tuple[dict[str, Any], list[Packed]]:
+        """One request on the shared socket, or on ``sock`` (a long poll's own socket)."""
         limit = self.timeout if timeout is None else timeout
-        for attempt in range(retries + 1):
-            with self._lock:
-                req = next(self._ids)
-                sock = self._socket()
-                sock.send_multipart(wire.encode({**header, "req": req}, values or ()), copy=False)
-                deadline = time.monotonic() + limit
-                while (left := deadline - time.monotonic()) > 0:
-                    if not sock.poll(int(left * 1000) + 1):
-                        break
-                    frames = sock.recv_multipart(copy=False)
-                    try:
-                        reply, out = wire.decode(frames)
-                    except wire.MalformedMessage:
-                        continue
-                    if reply.get("req") != req:
-                        continue  # a late answer to an earlier request
-                    if reply["t"] == wire.ERROR:
-                        raise _remote_error(reply)
-                    return reply, out
-                # no answer: drop the socket so a late answer cannot be read as the next one
-                sock.close(linger=0)
-                self._sock = None
-            if attempt == retries:
+        for _ in range(retries + 1):
+            if sock is not None:  # the caller replaces its socket when this fails
+                reply = self._exchange(sock, header, values, limit)
+                if reply is not None:
+                    return reply
                 break
-        raise CoordinatorError(
+            with self._lock:
+                if self._sock is None:
+                    self._sock = self._new_socket()
+                reply = self._exchange(self._sock, header, values, limit)
+                if reply is not None:
+                    return reply
+                self._sock.close(linger=0)
+                self._sock = None
+        raise CoordinatorUnreachable(
             f"coordinator at {self.address} did not answer within {limit:g}s"
             " (is odibi-coordinator running, and is this its --client-listen address?)"
         )
+
+    def _exchange(
+        self,
+        sock: zmq.Socket[Any],
+        header: dict[str, Any],
+        values: list[Packed] | None,
+        limit: float,
+    ) -> tuple[dict[str, Any], list[Packed]] | None:
+        req = next(self._ids)
+        sock.send_multipart(wire.encode({**header, "req": req}, values or ()), copy=False)
+        deadline = time.monotonic() + limit
+        while (left := deadline - time.monotonic()) > 0:
+            if not sock.poll(int(left * 1000) + 1):
+                break
+            frames = sock.recv_multipart(copy=False)
+            try:
+                reply, out = wire.decode(frames)
+            except wire.MalformedMessage:
+                continue
+            if reply.get("req") != req:
+                continue  # a late answer to an earlier request
+            if reply["t"] == wire.ERROR:
+                raise _remote_error(reply)
+            return reply, out
+        return None
 
 
 def _remote_error(reply: dict[str, Any]) -> OdibiError:
@@ -163,7 +189,7 @@ def _remote_error(reply: dict[str, Any]) -> OdibiError:
     if kind in ("DAGValidationError", "CycleError", "MissingInputError"):
         return DAGValidationError(message)
     if kind == "KeyError":
-        return CoordinatorError(message.strip("\"'"))
+        return RunNotFound(message.strip("\"'"))
     return CoordinatorError(f"{kind}: {message}")
 
 
@@ -204,26 +230,37 @@ class RunHandle:
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait for the run and return its outputs; raise its error if it failed."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise TimeoutError(f"run {self.run_id} did not finish within {timeout:g}s")
-            wait = 10.0 if left is None else min(10.0, left)
-            try:
-                reply, values = self.client._request(
-                    {"t": wire.RESULT, "run": self.run_id, "wait": wait},
-                    timeout=wait + self.client.timeout,
-                )
-            except CoordinatorError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-                continue  # the coordinator may be restarting; keep waiting
-            if reply["state"] == "running":
-                continue
-            self.metrics = _metrics(reply.get("metrics") or {})
-            if reply["state"] == "done":
-                return {k: unpack(v) for k, v in zip(reply["keys"], values, strict=True)}
-            raise _run_error(self.run_id, reply["error"])
+        sock = self.client._new_socket()  # long polls must not hold up other requests
+        backoff = 0.25
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"run {self.run_id} did not finish within {timeout:g}s")
+                wait = 10.0 if left is None else min(10.0, left)
+                try:
+                    reply, values = self.client._request(
+                        {"t": wire.RESULT, "run": self.run_id, "wait": wait},
+                        timeout=wait + min(self.client.timeout, 5.0),
+                        retries=0,
+                        sock=sock,
+                    )
+                except CoordinatorUnreachable:
+                    # down or restarting: keep waiting, without hammering it
+                    sock.close(linger=0)
+                    time.sleep(backoff if left is None else min(backoff, max(0.0, left)))
+                    backoff = min(5.0, backoff * 2)
+                    sock = self.client._new_socket()
+                    continue
+                backoff = 0.25
+                if reply["state"] != "running":
+                    break
+        finally:
+            sock.close(linger=0)
+        self.metrics = _metrics(reply.get("metrics") or {})
+        if reply["state"] == "done":
+            return {k: unpack(v) for k, v in zip(reply["keys"], values, strict=True)}
+        raise _run_error(self.run_id, reply["error"])
 
     def __await__(self) -> Generator[Any, None, dict[str, Any]]:
         import anyio.to_thread

@@ -196,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=4096,
         help="largest frame accepted from a peer, in MiB (default: 4096)",
     )
+    p.add_argument(
+        "--allowed-failures",
+        type=int,
+        default=3,
+        help="a task running on this many workers that died is failed as a poison task"
+        " (default: 3)",
+    )
+    p.add_argument(
+        "--retention",
+        type=float,
+        default=3600.0,
+        help="seconds a finished run and its outputs stay fetchable (default: 3600)",
+    )
     p.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
     return p
@@ -227,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         heartbeat_timeout=args.heartbeat_timeout,
         grace=args.grace,
         max_message_size=args.max_message_mb << 20,
+        allowed_failures=args.allowed_failures,
+        retention=args.retention,
     )
     try:
         anyio.run(_amain, config)

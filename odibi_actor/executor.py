@@ -133,7 +133,13 @@ class DAGExecutor:
         t0 = time.perf_counter()
         try:
             if self.address is not None:
-                return await self._run_remote(data)
+                try:
+                    out = await self._run_remote(data)
+                except BaseException as exc:
+                    self._emit("pipeline_error", error=exc)
+                    raise
+                self._emit("pipeline_complete", duration=time.perf_counter() - t0)
+                return out
             if self.backend == "threads":
                 self.metrics.workers = self.workers * self.nthreads
                 await self._run_threads(data, result)

@@ -90,6 +90,7 @@ class Worker:
         self._runs: dict[str, dict[int, _NodeInfo]] = {}
         self._last_recv = self._last_send = 0.0
         self.sessions = 0
+        self._max_frame: int | None = None  # the coordinator's frame size limit
         self.runner: TaskRunner | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -235,8 +236,34 @@ class Worker:
                 return
 
     async def _send_batch(self, run: str, outcomes: list[Outcome]) -> None:
-        ok, err, values = [], [], []
+        """Send outcomes, never a frame over the coordinator's limit: it would drop it."""
+        limit = self._max_frame
+        ok: list[Any] = []
+        err: list[Any] = []
+        values: list[wire.Packed] = []
+        inband = 0
         for o in outcomes:
+            if o.error is None and limit is not None:
+                vals = o.values or ()
+                size = sum(len(v.data) for v in vals)
+                biggest = max([size, *(b.nbytes for v in vals for b in v.buffers)], default=0)
+                if biggest > limit:
+                    o = Outcome(
+                        o.tid,
+                        o.attempt,
+                        o.duration,
+                        run=o.run,
+                        error=(
+                            f"ValueError: an output is {biggest:,} bytes, over the coordinator's"
+                            f" message limit of {limit:,} bytes (see odibi-coordinator"
+                            " --max-message-mb)"
+                        ),
+                    )
+                elif inband + size > limit and (ok or err):
+                    await self._send({"t": wire.RESULTS, "run": run, "ok": ok, "err": err}, values)
+                    ok, err, values, inband = [], [], [], 0
+                if o.error is None:
+                    inband += size
             if o.error is None:
                 ok.append((o.tid, o.attempt, o.duration))
                 values.extend(o.values or ())
@@ -268,12 +295,19 @@ class Worker:
             pass
         elif kind == wire.WELCOME:
             self._welcomed = True
+            limit = header.get("max_frame", -1)
+            self._max_frame = limit if type(limit) is int and limit > 0 else None
             self._keep_runs({str(r) for r in header.get("runs", [])})
             log.info("registered", address=self.address, nthreads=self.nthreads)
         elif kind == wire.CANCEL:
             self._drop_runs({str(r) for r in header.get("runs", [])})
         elif kind == wire.RESET:
-            log.warning("coordinator does not know this worker; registering again")
+            # we were evicted (or it restarted): what we queued has gone to others already
+            dropped = self.runner.take_unstarted() if self.runner is not None else []
+            log.warning(
+                "coordinator does not know this worker; registering again",
+                dropped_queued=len(dropped),
+            )
             raise _SessionEnded("reset")
         elif kind == wire.BYE:
             raise _SessionEnded("bye")
