@@ -180,8 +180,14 @@ def tracker() -> RecordingTracker:
 
 
 def reap_leftover_workers(timeout: float = 5.0) -> list[str]:
-    """Wait for worker processes below this one to end; kill and describe any that don't."""
-    left = wait_gone([p.pid for p in worker_children(os.getpid())], timeout)
+    """Wait for local workers (spawned by an executor) below this one to end; kill and
+    describe any that don't. Daemon workers a cluster fixture keeps on purpose are left."""
+    local = []
+    for p in worker_children(os.getpid()):
+        with contextlib.suppress(psutil.Error):
+            if "--parent-pid" in p.cmdline():
+                local.append(p.pid)
+    left = wait_gone(local, timeout)
     details = []
     for pid in left:
         with contextlib.suppress(psutil.Error):
