@@ -19,6 +19,14 @@ from .errors import (
     OdibiError,
     WorkerLostError,
 )
+from .client import (
+    Client,
+    CoordinatorError,
+    CoordinatorUnreachable,
+    RunFailed,
+    RunHandle,
+    RunNotFound,
+)
 from .executor import DAGExecutor, DistributedExecutor
 from .metrics import MetricsManager, NodeMetrics
 
@@ -33,6 +41,9 @@ __all__ = [
     "ActorRef",
     "ActorSystem",
     "BadReturnError",
+    "Client",
+    "CoordinatorError",
+    "CoordinatorUnreachable",
     "CycleError",
     "DAGBuilder",
     "DAGExecutor",
@@ -47,6 +58,9 @@ __all__ = [
     "OdibiError",
     "Policy",
     "Progress",
+    "RunFailed",
+    "RunHandle",
+    "RunNotFound",
     "RunState",
     "State",
     "WorkerLostError",
