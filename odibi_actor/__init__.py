@@ -8,6 +8,14 @@ from ._dag import DAGBuilder, DAGNode, build_dag, to_mermaid
 from ._kernel import Actor, ActorRef, ActorSystem, Policy
 from ._scheduler import Progress
 from ._state import RunState, State
+from .client import (
+    Client,
+    CoordinatorError,
+    CoordinatorUnreachable,
+    RunFailed,
+    RunHandle,
+    RunNotFound,
+)
 from .errors import (
     ActorCrashed,
     BadReturnError,
@@ -18,14 +26,6 @@ from .errors import (
     NodeTimeoutError,
     OdibiError,
     WorkerLostError,
-)
-from .client import (
-    Client,
-    CoordinatorError,
-    CoordinatorUnreachable,
-    RunFailed,
-    RunHandle,
-    RunNotFound,
 )
 from .executor import DAGExecutor, DistributedExecutor
 from .metrics import MetricsManager, NodeMetrics
