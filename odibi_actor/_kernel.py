@@ -182,45 +182,36 @@ class ActorSystem:
     ) -> None:
         restarts: list[float] = []
         try:
-            await self._supervise_loop(factory, ref, mailbox, policy, on_crash, restarts)
+            while True:
+                actor = factory()
+                actor.ref, actor.system = ref, self
+                try:
+                    await self._run(actor, mailbox)
+                    return
+                except Exception as exc:
+                    exc = _first_leaf(exc) if isinstance(exc, BaseExceptionGroup) else exc
+                    now = time.monotonic()
+                    restarts = [t for t in restarts if now - t < policy.window]
+                    if policy.restart and len(restarts) < policy.max_restarts:
+                        restarts.append(now)
+                        log.warning("actor crashed, restarting", actor=ref.name, error=repr(exc))
+                        continue
+                    crash = ActorCrashed(
+                        f"actor {ref.name!r} crashed with no restart left: {exc!r}"
+                    )
+                    if on_crash is None:
+                        raise crash from exc
+                    crash.__cause__ = exc
+                    log.error(
+                        "actor crashed; its supervisor handles it", actor=ref.name, error=repr(exc)
+                    )
+                    on_crash(crash)
+                    return
         finally:
             # whatever ended the actor, nobody may wait forever on an answer from it
             ref._send.close()
             _fail_pending(mailbox, ref.name)
             mailbox.close()
-
-    async def _supervise_loop(
-        self,
-        factory: Callable[[], A],
-        ref: ActorRef[A],
-        mailbox: MemoryObjectReceiveStream[tuple[Any, _Reply | None]],
-        policy: Policy,
-        on_crash: Callable[[BaseException], None] | None,
-        restarts: list[float],
-    ) -> None:
-        while True:
-            actor = factory()
-            actor.ref, actor.system = ref, self
-            try:
-                await self._run(actor, mailbox)
-                return
-            except Exception as exc:
-                exc = _first_leaf(exc) if isinstance(exc, BaseExceptionGroup) else exc
-                now = time.monotonic()
-                restarts[:] = [t for t in restarts if now - t < policy.window]
-                if policy.restart and len(restarts) < policy.max_restarts:
-                    restarts.append(now)
-                    log.warning("actor crashed, restarting", actor=ref.name, error=repr(exc))
-                    continue
-                crash = ActorCrashed(f"actor {ref.name!r} crashed with no restart left: {exc!r}")
-                if on_crash is None:
-                    raise crash from exc
-                crash.__cause__ = exc
-                log.error(
-                    "actor crashed; its supervisor handles it", actor=ref.name, error=repr(exc)
-                )
-                on_crash(crash)
-                return
 
     @staticmethod
     async def _run(actor: Actor, mailbox: MemoryObjectReceiveStream[Any]) -> None:
