@@ -26,6 +26,7 @@ class DAGNode:
     retries: int = 0
     timeout: float | None = None
     retry_delay: float = 0.1
+    cache: bool = True  # may be answered from the result cache
     dependencies: set[str] = field(default_factory=set)
     dependents: set[str] = field(default_factory=set)
     level: int = 0
@@ -52,8 +53,10 @@ class DAGBuilder:
         retries: int = 0,
         timeout: float | None = None,
         retry_delay: float = 0.1,
+        cache: bool = True,
     ) -> DAGBuilder:
-        """Add a step. ``retries`` extra attempts back off from ``retry_delay`` seconds."""
+        """Add a step. ``retries`` extra attempts back off from ``retry_delay`` seconds;
+        ``cache=False`` keeps it from being answered from the result cache (side effects)."""
         if not isinstance(name, str) or not name:
             raise DAGValidationError(f"node name must be a non-empty string, got {name!r}")
         if name in self._nodes:
@@ -72,7 +75,9 @@ class DAGBuilder:
             raise DAGValidationError(
                 f"node {name!r}: retry_delay must be >= 0 seconds, got {retry_delay!r}"
             )
-        self._nodes[name] = DAGNode(name, fn, ins, outs, retries, timeout, float(retry_delay))
+        self._nodes[name] = DAGNode(
+            name, fn, ins, outs, retries, timeout, float(retry_delay), bool(cache)
+        )
         return self
 
     def build(self) -> dict[str, DAGNode]:
@@ -112,7 +117,14 @@ def build_dag(nodes: Iterable[DAGNode]) -> dict[str, DAGNode]:
         if n.name in fresh:
             raise DAGValidationError(f"duplicate node name {n.name!r}")
         fresh[n.name] = DAGNode(
-            n.name, n.fn, tuple(n.inputs), tuple(n.outputs), n.retries, n.timeout, n.retry_delay
+            n.name,
+            n.fn,
+            tuple(n.inputs),
+            tuple(n.outputs),
+            n.retries,
+            n.timeout,
+            n.retry_delay,
+            n.cache,
         )
         for out in n.outputs:
             other = producer.setdefault(out, n.name)

@@ -7,7 +7,7 @@ however large the DAG, and it dispatches a node the moment its inputs exist.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ import anyio
 import structlog
 
 from ._dag import DAGNode
+from ._durable import CACHE_WORKER, CacheMiss, RunDurability
 from ._kernel import Actor, ActorRef
 from ._messages import Abort, Credit, Dispatch, Outcomes, RetryDue, Returned, TaskSpec
 from ._state import Failed, Retry, RunState
@@ -97,8 +98,11 @@ class Scheduler(Actor):
         hooks: Hooks,
         allowed_failures: int = 3,
         run_id: str = "",
+        durable: RunDurability | None = None,
+        restored: Iterable[str] = (),
     ) -> None:
         self.run_id = run_id
+        self.durable = durable
         self.nodes = nodes
         self.names = list(nodes)
         self.order = [nodes[n] for n in self.names]
@@ -108,7 +112,8 @@ class Scheduler(Actor):
         self.result = result
         self.hooks = hooks
         self.allowed_failures = allowed_failures
-        self.state = RunState(nodes)
+        self.restored = set(restored)  # done in an earlier run (resume)
+        self.state = RunState(nodes, done=self.restored)
         self.index = {name: i for i, name in enumerate(self.names)}
         self.credit = 0
         self._timer_armed_for: float | None = None
@@ -119,6 +124,10 @@ class Scheduler(Actor):
         self.dispatcher = self._dispatcher()
         for name in self.names:
             self.metrics.node(name)
+        for name in self.restored:
+            self.metrics.node(name).status = "restored"
+        if self.durable is not None:
+            self.durable.hash_inputs(self.data)
         self._check_finished()
 
     async def on_message(self, message: Any) -> None:
@@ -131,6 +140,10 @@ class Scheduler(Actor):
         elif isinstance(message, RetryDue):
             self._timer_armed_for = None
             self.state.release_retries(time.monotonic())
+        elif isinstance(message, CacheMiss):
+            self.metrics.cache_misses += len(message.specs)
+            self.credit -= len(message.specs)
+            self.dispatcher.tell(Dispatch(self.run_id, message.specs))
         elif isinstance(message, Abort):
             self.state.cancel()
             if self.result.error is None:
@@ -141,6 +154,8 @@ class Scheduler(Actor):
             log.warning("scheduler dropped unknown message", type=type(message).__name__)
             return
         self._dispatch()
+        if self.durable is not None:
+            self.durable.flush()
         self._arm_retry_timer()
         if self.hooks.progress is not None:
             self.hooks.call("progress", self.hooks.progress, self.snapshot())
@@ -165,7 +180,12 @@ class Scheduler(Actor):
             specs.append(TaskSpec(index[name], attempt, node, [data[i] for i in node.inputs]))
             if hooks.per_node:
                 hooks.started(node, attempt)
-        self.dispatcher.tell(Dispatch(self.run_id, specs))
+        if self.durable is not None:
+            direct = self.durable.split(self.run_id, specs)
+            self.credit += len(specs) - len(direct)  # the cache does not use worker slots
+            specs = direct
+        if specs:
+            self.dispatcher.tell(Dispatch(self.run_id, specs))
 
     def _on_outcomes(self, outcomes: list[Any]) -> None:
         state, order, data, metrics = self.state, self.order, self.data, self.metrics
@@ -179,6 +199,13 @@ class Scheduler(Actor):
                     data[key] = value
                 m = metrics.node(node.name)
                 m.status, m.duration, m.attempts, m.worker = "done", o.duration, o.attempt, o.worker
+                if self.durable is not None:
+                    cached = o.worker == CACHE_WORKER
+                    m.cached = cached
+                    metrics.cache_hits += cached
+                    self.durable.completed(
+                        node, o.tid, o.attempt, o.duration, o.values or (), cached
+                    )
                 if self.hooks.per_node:
                     self.hooks.ended(node, "success", o.duration, None)
                 continue

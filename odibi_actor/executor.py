@@ -6,6 +6,7 @@ Both drive the same scheduler actor; only the dispatcher behind it differs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import tempfile
 import threading
@@ -21,9 +22,11 @@ import zmq
 import zmq.asyncio
 
 from ._dag import DAGBuilder, DAGNode, build_dag, check_inputs
+from ._durable import RunDurability
 from ._functions import FnSpec, describe
 from ._kernel import ActorSystem
 from ._local import LocalWorkers
+from ._persist import Persistence
 from ._pool import AddRun, PoolRun, SayGoodbye, WorkerExited, WorkerPool
 from ._scheduler import Hooks, Progress, RunResult, Scheduler
 from ._threads import ThreadDispatcher
@@ -64,6 +67,12 @@ class DAGExecutor:
         curve_secret: str | None = None,
         server_key: str | None = None,
         timeout: float | None = None,
+        checkpoint: str | None = None,
+        run_id: str | None = None,
+        cache: str | None = None,
+        cache_ttl: float | None = None,
+        secret: bytes | str | None = None,
+        journal_dir: str | None = None,
     ) -> None:
         if isinstance(nodes, DAGBuilder):
             self.nodes = nodes.build()
@@ -96,21 +105,32 @@ class DAGExecutor:
         self.address = address
         self.curve = (curve_secret, server_key)
         self.timeout = timeout
-        self.run_id: str | None = None
+        self.run_id: str | None = run_id
+        # durable state: checkpoints to resume from, and a result cache across runs
+        self.checkpoint, self.cache, self.cache_ttl = checkpoint, cache, cache_ttl
+        self.secret = secret.encode() if isinstance(secret, str) else secret
+        self.journal_dir = journal_dir
+        self.persistence: Persistence | None = None
 
     # --- public API ----------------------------------------------------------------------
-    def run(self, initial_data: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Run to the end and return every dataset the nodes produced."""
+    def run(
+        self, initial_data: Mapping[str, Any] | None = None, *, resume: bool = False
+    ) -> dict[str, Any]:
+        """Run to the end and return every dataset the nodes produced.
+
+        With ``checkpoint`` and ``run_id`` set, ``resume=True`` reuses every node the
+        checkpointed run finished (and whose code and inputs did not change).
+        """
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return anyio.run(self.arun, initial_data)
+            return anyio.run(functools.partial(self.arun, initial_data, resume=resume))
         # Called from inside an event loop (a notebook): run on a thread of our own.
         box: dict[str, Any] = {}
 
         def target() -> None:
             try:
-                box["value"] = anyio.run(self.arun, initial_data)
+                box["value"] = anyio.run(functools.partial(self.arun, initial_data, resume=resume))
             except BaseException as exc:
                 box["error"] = exc
 
@@ -124,7 +144,9 @@ class DAGExecutor:
     # odibi_core called it execute()
     execute = run
 
-    async def arun(self, initial_data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    async def arun(
+        self, initial_data: Mapping[str, Any] | None = None, *, resume: bool = False
+    ) -> dict[str, Any]:
         data = dict(initial_data or {})
         check_inputs(self.nodes, data)
         self.metrics = MetricsManager(node_count=len(self.nodes), backend=self.backend)
@@ -140,12 +162,20 @@ class DAGExecutor:
                     raise
                 self._emit("pipeline_complete", duration=time.perf_counter() - t0)
                 return out
-            if self.backend == "threads":
-                self.metrics.workers = self.workers * self.nthreads
-                await self._run_threads(data, result)
-            else:
-                self.metrics.workers = self.workers
-                await self._run_processes(data, result)
+            if self.backend == "processes":
+                for key, value in list(data.items()):
+                    data[key] = _pack_initial(key, value)
+            persist = await self._open_persistence(data, resume)
+            try:
+                if self.backend == "threads":
+                    self.metrics.workers = self.workers * self.nthreads
+                    await self._run_threads(data, result, persist)
+                else:
+                    self.metrics.workers = self.workers
+                    await self._run_processes(data, result, persist)
+            finally:
+                if persist is not None:
+                    await persist[0].close()
         finally:
             self.metrics.execution_time = time.perf_counter() - t0
         if result.error is not None:
@@ -156,6 +186,59 @@ class DAGExecutor:
             out = {k: _materialize(k, v) for k, v in out.items()}
         self._emit("pipeline_complete", duration=self.metrics.execution_time)
         return out
+
+    # --- durable state -------------------------------------------------------------------
+    async def _open_persistence(
+        self, data: dict[str, Any], resume: bool
+    ) -> tuple[Persistence, RunDurability] | None:
+        if not (self.checkpoint or self.cache):
+            if resume:
+                raise ValueError("resume=True needs checkpoint=URL and run_id=...")
+            return None
+        uncached = frozenset(n.name for n in self.nodes.values() if not n.cache)
+        persist = Persistence(
+            self.nodes,
+            checkpoint=self.checkpoint,
+            run_id=self.run_id,
+            resume=resume,
+            cache=self.cache,
+            cache_ttl=self.cache_ttl,
+            uncached=uncached,
+            secret=self.secret,
+            journal_dir=self.journal_dir,
+        )
+        self.persistence = persist
+        self.run_id = persist.run_id
+        durable = await persist.open(data, packed=self.backend == "processes")
+        self.metrics.restored = len(persist.restored)
+        return persist, durable
+
+    def _make_scheduler(
+        self,
+        data: dict[str, Any],
+        result: RunResult,
+        dispatcher: Callable[[], Any],
+        run_id: str,
+        persist: tuple[Persistence, RunDurability] | None,
+    ) -> Scheduler:
+        durable = persist[1] if persist else None
+        restored = persist[0].restored if persist else ()
+        return Scheduler(
+            self.nodes,
+            data,
+            dispatcher,
+            self.metrics,
+            result,
+            self.hooks,
+            self.allowed_failures,
+            run_id,
+            durable,
+            restored,
+        )
+
+    async def _finish(self, persist: tuple[Persistence, RunDurability] | None) -> None:
+        if persist is not None:
+            await persist[0].finish()
 
     # --- backends ------------------------------------------------------------------------
     async def _run_remote(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -193,26 +276,35 @@ class DAGExecutor:
         finally:
             client.close()
 
-    def _scheduler(self, data: dict[str, Any], result: RunResult, dispatcher: Any) -> Scheduler:
-        return Scheduler(
-            self.nodes, data, dispatcher, self.metrics, result, self.hooks, self.allowed_failures
-        )
-
-    async def _run_threads(self, data: dict[str, Any], result: RunResult) -> None:
+    async def _run_threads(
+        self,
+        data: dict[str, Any],
+        result: RunResult,
+        persist: tuple[Persistence, RunDurability] | None,
+    ) -> None:
         refs: dict[str, Any] = {}
         async with ActorSystem() as system:
             refs["scheduler"] = system.spawn(
-                lambda: self._scheduler(data, result, lambda: refs["threads"]), "scheduler"
+                lambda: self._make_scheduler(
+                    data, result, lambda: refs["threads"], self.run_id or "", persist
+                ),
+                "scheduler",
             )
+            if persist is not None:
+                persist[0].spawn(system, lambda: refs["scheduler"], persist[1], self.metrics)
             refs["threads"] = system.spawn(
                 lambda: ThreadDispatcher(self.workers * self.nthreads, refs["scheduler"]), "threads"
             )
             await result.finished.wait()
+            await self._finish(persist)
             system.shutdown()
 
-    async def _run_processes(self, data: dict[str, Any], result: RunResult) -> None:
-        for key, value in list(data.items()):
-            data[key] = _pack_initial(key, value)
+    async def _run_processes(
+        self,
+        data: dict[str, Any],
+        result: RunResult,
+        persist: tuple[Persistence, RunDurability] | None,
+    ) -> None:
         fn_specs = _function_specs(self.nodes)
         run_id = uuid.uuid4().hex[:12]
         path = os.path.join(tempfile.gettempdir(), f"odibi-{os.getpid()}-{run_id}.sock")
@@ -226,23 +318,17 @@ class DAGExecutor:
                     lambda: WorkerPool(address, ctx, on_evict=local.kill), "pool"
                 )
                 scheduler = system.spawn(
-                    lambda: Scheduler(
-                        self.nodes,
-                        data,
-                        lambda: pool,
-                        self.metrics,
-                        result,
-                        self.hooks,
-                        self.allowed_failures,
-                        run_id,
-                    ),
+                    lambda: self._make_scheduler(data, result, lambda: pool, run_id, persist),
                     "scheduler",
                 )
+                if persist is not None:
+                    persist[0].spawn(system, lambda: scheduler, persist[1], self.metrics)
                 pool.tell(AddRun(PoolRun(run_id, scheduler, list(self.nodes.values()), fn_specs)))
                 async with local:
                     self.worker_pids = local.pids
                     await result.finished.wait()
                     await pool.ask(SayGoodbye(), timeout=5)
+                await self._finish(persist)
                 system.shutdown()
         finally:
             ctx.destroy(linger=0)

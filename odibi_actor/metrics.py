@@ -24,6 +24,9 @@ class MetricsManager:
     node_count: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    cache_bytes_read: int = 0
+    cache_bytes_written: int = 0
+    restored: int = 0  # nodes a resume did not run again
     workers: int = 0
     backend: str = ""
     nodes: dict[str, NodeMetrics] = field(default_factory=dict)
@@ -50,6 +53,9 @@ class MetricsManager:
             "retries": sum(max(0, m.attempts - 1) for m in self.nodes.values()),
             "cache_hits": self.cache_hits,
             "cache_misses": self.cache_misses,
+            "cache_bytes_read": self.cache_bytes_read,
+            "cache_bytes_written": self.cache_bytes_written,
+            "restored": self.restored,
             "workers": self.workers,
             "backend": self.backend,
         }

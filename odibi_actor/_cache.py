@@ -1,0 +1,145 @@
+"""The cache actor: a content-addressed cache of node results, across runs.
+
+A node's key is its own fingerprint (function identity and source, parameters, input and
+output names) plus the content hashes of its inputs, so an unchanged node with unchanged
+inputs is answered from storage instead of running. Results are stored once each under
+their content hash, and an entry (key -> output hashes) is written with a conditional put:
+two runs computing the same key at the same time cannot corrupt it, the first one wins and
+both are right. Blobs carry a checksum, or an HMAC with a cluster secret, checked before
+anything is unpickled.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import structlog
+
+from ._checkpoint import IntegrityError, decode_result, encode_result, result_key
+from ._durable import CACHE_WORKER, CacheMiss, Lookup, Store
+from ._kernel import Actor, ActorRef
+from ._messages import Outcomes
+from ._runner import Outcome
+from ._wire import Packed
+from .metrics import MetricsManager
+from .storage import Storage, StorageError
+
+log = structlog.get_logger("odibi_actor.cache")
+
+
+def entry_key(key: str) -> str:
+    return f"cache/entries/{key[:2]}/{key}"
+
+
+def cached_result_key(content: str) -> str:
+    """Cache results live apart from checkpoint results, so a purge never breaks a resume."""
+    return "cache/" + result_key(content)
+
+
+class Cache(Actor):
+    def __init__(
+        self,
+        store: Storage,
+        scheduler: Callable[[], ActorRef[Any]],
+        metrics: MetricsManager,
+        *,
+        ttl: float | None = None,
+        secret: bytes | None = None,
+    ) -> None:
+        self.store = store
+        self._scheduler = scheduler
+        self.metrics = metrics
+        self.ttl = ttl
+        self.secret = secret
+        self._warned = False
+
+    async def on_message(self, message: Any) -> None:
+        if isinstance(message, Lookup):
+            self.start_task(lambda: self._lookup(message))
+        elif isinstance(message, Store):
+            self.start_task(lambda: self._store(message))
+
+    async def _lookup(self, message: Lookup) -> None:
+        hits: list[Outcome] = []
+        misses = []
+        for spec, key in message.items:
+            values = await self._get(key)
+            if values is None or len(values) != len(spec.node.outputs):
+                misses.append(spec)
+            else:
+                hits.append(
+                    Outcome(spec.tid, spec.attempt, 0.0, tuple(values), worker=CACHE_WORKER)
+                )
+        scheduler = self._scheduler()
+        if hits:
+            scheduler.tell(Outcomes(hits))
+        if misses:
+            scheduler.tell(CacheMiss(misses))
+
+    async def _get(self, key: str) -> list[Packed] | None:
+        try:
+            ekey = entry_key(key)
+            if self.ttl is not None and time.time() - await self.store.modified(ekey) > self.ttl:
+                return None
+            entry = decode_result(await self.store.get(ekey), self.secret)
+            hashes = msgpack.unpackb(entry.data)
+            values = []
+            for h in hashes:
+                blob = await self.store.get(cached_result_key(h))
+                self.metrics.cache_bytes_read += len(blob)
+                values.append(decode_result(blob, self.secret, expected_hash=h))
+            return values
+        except KeyError:
+            return None
+        except (StorageError, IntegrityError, ValueError) as exc:
+            self._warn("cache unreadable; computing instead", exc)
+            return None
+
+    async def _store(self, message: Store) -> None:
+        try:
+            for h, value in zip(message.hashes, message.values, strict=True):
+                blob = encode_result(value, self.secret)
+                if await self.store.put_if_absent(cached_result_key(h), blob):
+                    self.metrics.cache_bytes_written += len(blob)
+            entry = encode_result(Packed(msgpack.packb(message.hashes), []), self.secret)
+            if await self.store.put_if_absent(entry_key(message.key), entry):
+                self.metrics.cache_bytes_written += len(entry)
+        except StorageError as exc:
+            self._warn("cannot write to the cache; the run goes on without it", exc)
+
+    def _warn(self, what: str, exc: BaseException) -> None:
+        if not self._warned:
+            log.warning(what, error=str(exc))
+            self._warned = True
+
+
+async def purge(store: Storage, older_than: float | None = None) -> tuple[int, int]:
+    """Delete cache entries (older than ``older_than`` seconds, or all) and their results
+    no remaining entry uses. Returns (entries, results) deleted."""
+    now = time.time()
+    entries = await store.list("cache/entries/")
+    dropped, kept_hashes = 0, set()
+    for key in entries:
+        try:
+            old = older_than is None or now - await store.modified(key) > older_than
+            if old:
+                await store.delete(key)
+                dropped += 1
+                continue
+            entry = decode_result(await store.get(key))
+            kept_hashes.update(msgpack.unpackb(entry.data))
+        except (StorageError, IntegrityError, ValueError):
+            continue
+    results = 0
+    if older_than is None or dropped:
+        for key in await store.list("cache/results/"):
+            h = key.rsplit("/", 1)[-1]
+            if h not in kept_hashes and (
+                older_than is None or now - await store.modified(key) > older_than
+            ):
+                await store.delete(key)
+                results += 1
+    return dropped, results

@@ -1,0 +1,123 @@
+"""Durable state for one run: what the scheduler tells the recorder and the cache.
+
+The scheduler stays in charge of the run; this object only answers two questions for it,
+synchronously and cheaply: "may this ready node be answered from the cache?" and "what
+must be recorded now that this node is done?". All storage I/O happens in the recorder and
+cache actors, so finishing a node never waits on the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._dag import DAGNode
+from ._fingerprint import cache_key, content_hash
+from ._kernel import ActorRef
+from ._messages import TaskSpec
+from ._wire import Packed, pack
+
+CACHE_WORKER = "cache"  # the worker name of an outcome answered from the cache
+
+
+@dataclass(slots=True)
+class Lookup:
+    """Scheduler -> cache: answer these attempts from the cache if their key is there."""
+
+    run_id: str
+    items: list[tuple[TaskSpec, str]]  # (spec, cache key)
+
+
+@dataclass(slots=True)
+class CacheMiss:
+    """Cache -> scheduler: not cached; dispatch them to workers."""
+
+    specs: list[TaskSpec]
+
+
+@dataclass(slots=True)
+class Store:
+    """Scheduler -> cache: a computed node's outputs, under its key."""
+
+    key: str
+    hashes: list[str]
+    values: list[Packed]
+
+
+@dataclass(slots=True)
+class Completed:
+    """Scheduler -> recorder: nodes done, with their outputs' content hashes."""
+
+    items: list[tuple[str, int, float, dict[str, str], dict[str, Packed]]]
+
+
+@dataclass
+class RunDurability:
+    """Per-run bookkeeping: content hashes of datasets, cache keys of running attempts."""
+
+    fingerprints: Mapping[str, str]  # node -> lineage fingerprint
+    recorder: ActorRef[Any] | None = None
+    cache: ActorRef[Any] | None = None
+    uncached: frozenset[str] = frozenset()  # nodes with cache=False
+    hashes: dict[str, str] = field(default_factory=dict)  # dataset -> content hash
+    keys: dict[int, str] = field(default_factory=dict)  # tid -> cache key of its attempt
+    _done: list[tuple[str, int, float, dict[str, str], dict[str, Packed]]] = field(
+        default_factory=list
+    )
+
+    def hash_inputs(self, data: Mapping[str, Any]) -> None:
+        for name, value in data.items():
+            if name not in self.hashes:
+                self.hashes[name] = content_hash(
+                    value if isinstance(value, Packed) else pack(value)
+                )
+
+    def split(self, run_id: str, specs: list[TaskSpec]) -> list[TaskSpec]:
+        """Send cacheable attempts to the cache; return those that go straight to workers."""
+        if self.cache is None:
+            return specs
+        direct, lookups = [], []
+        for spec in specs:
+            node = spec.node
+            if node.name in self.uncached or not node.outputs:
+                direct.append(spec)
+                continue
+            key = cache_key(self.fingerprints[node.name], [self.hashes[i] for i in node.inputs])
+            self.keys[spec.tid] = key
+            lookups.append((spec, key))
+        if lookups:
+            self.cache.tell(Lookup(run_id, lookups))
+        return direct
+
+    def completed(
+        self,
+        node: DAGNode,
+        tid: int,
+        attempt: int,
+        duration: float,
+        values: tuple[Any, ...],
+        cached: bool,
+    ) -> None:
+        """Hash a finished node's outputs; record it, and cache it if it was computed."""
+        if self.recorder is None and self.cache is None:
+            return
+        hashes = {}
+        packed = {}
+        for name, value in zip(node.outputs, values, strict=True):
+            if not isinstance(value, Packed):  # the threads backend keeps plain objects
+                value = pack(value)
+            h = self.hashes[name] = content_hash(value)
+            hashes[name] = h
+            packed[h] = value
+        if self.recorder is not None:
+            self._done.append((node.name, attempt, duration, hashes, packed))
+        key = self.keys.pop(tid, None)
+        if self.cache is not None and key is not None and not cached:
+            self.cache.tell(Store(key, list(hashes.values()), list(packed.values())))
+
+    def flush(self) -> None:
+        """One message to the recorder per scheduler event, however many nodes finished."""
+        if self._done and self.recorder is not None:
+            self.recorder.tell(Completed(self._done))
+            self._done = []

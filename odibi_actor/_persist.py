@@ -1,0 +1,240 @@
+"""Setting up a run's durable state: load what a resume can reuse, start the recorder and
+the cache, and flush at the end. The executor calls this; the scheduler never sees storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from ._cache import Cache
+from ._checkpoint import (
+    Checkpoint,
+    CheckpointMismatch,
+    IntegrityError,
+    apply_records,
+    check_compatible,
+    decode_result,
+    pick_latest,
+    replay,
+    result_key,
+    reusable_nodes,
+    snapshot_key,
+)
+from ._dag import DAGNode
+from ._durable import RunDurability
+from ._fingerprint import _Fingerprinter, _node_fp, combine_fingerprints, content_hash
+from ._fingerprint import dag_fingerprints as lineage_fingerprints
+from ._kernel import ActorRef, ActorSystem
+from ._recorder import Flush, Recorder, restore_journal
+from ._wire import Packed, pack
+from .errors import OdibiError
+from .metrics import MetricsManager
+from .storage import Storage, StorageError, open_storage
+
+log = structlog.get_logger("odibi_actor.persist")
+
+DEFAULT_JOURNAL_DIR = os.path.join(
+    os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"),
+    "odibi-actor",
+    "journal",
+)
+
+
+class ResumeError(OdibiError):
+    """A checkpoint cannot be resumed: another DAG, or unreadable storage."""
+
+
+class Persistence:
+    """Checkpointing (``checkpoint`` URL) and/or caching (``cache`` URL) for one run."""
+
+    def __init__(
+        self,
+        nodes: Mapping[str, DAGNode],
+        *,
+        checkpoint: str | None,
+        run_id: str | None,
+        resume: bool,
+        cache: str | None,
+        cache_ttl: float | None,
+        uncached: frozenset[str],
+        secret: bytes | None,
+        journal_dir: str | None = None,
+        every: int = 1000,
+        interval: float = 5.0,
+        keep: int = 3,
+    ) -> None:
+        if resume and not checkpoint:
+            raise ValueError("resume needs a checkpoint URL (checkpoint=... / --checkpoint)")
+        if resume and not run_id:
+            raise ValueError("resume needs the run id of the run to resume (--run-id)")
+        self.nodes = nodes
+        self.checkpoint_url, self.cache_url = checkpoint, cache
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.resume = resume
+        self.cache_ttl, self.uncached, self.secret = cache_ttl, uncached, secret
+        self.every, self.interval, self.keep = every, interval, keep
+        tag = hashlib.blake2b((checkpoint or "").encode(), digest_size=4).hexdigest()
+        self.journal_path = str(
+            Path(journal_dir or DEFAULT_JOURNAL_DIR) / f"{self.run_id}-{tag}.wal"
+        )
+        self.store: Storage | None = None
+        self.cache_store: Storage | None = None
+        self.recorder: ActorRef[Any] | None = None
+        self.cache: ActorRef[Any] | None = None
+        self.restored: set[str] = set()
+        self.resume_seconds = 0.0
+        self.synced = True
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.checkpoint_url or self.cache_url)
+
+    async def open(self, data: dict[str, Any], packed: bool) -> RunDurability:
+        """Open the stores and, on resume, put the reusable outputs into ``data``."""
+        initial = {k: v if isinstance(v, Packed) else pack(v) for k, v in data.items()}
+        external = {k: content_hash(v) for k, v in initial.items()}
+        lineage = lineage_fingerprints(self.nodes, external)
+        fper = _Fingerprinter()
+        own = {name: _node_fp(node, fper) for name, node in self.nodes.items()}
+        durable = RunDurability(own, uncached=self.uncached, hashes=dict(external))
+        self.lineage = lineage
+        self.checkpoint = Checkpoint(self.run_id, combine_fingerprints(lineage))
+        if self.checkpoint_url:
+            self.store = open_storage(self.checkpoint_url)
+            if self.resume:
+                t0 = anyio.current_time()
+                await self._load(data, durable, packed)
+                self.resume_seconds = anyio.current_time() - t0
+            elif os.path.exists(self.journal_path):
+                os.unlink(self.journal_path)  # a fresh run under an old run id
+        if self.cache_url:
+            self.cache_store = (
+                self.store
+                if self.cache_url == self.checkpoint_url
+                else open_storage(self.cache_url)
+            )
+        return durable
+
+    async def _load(self, data: dict[str, Any], durable: RunDurability, packed: bool) -> None:
+        assert self.store is not None
+        store = self.store
+        prefix = snapshot_key(self.run_id, 0).rsplit("/", 1)[0] + "/"
+        try:
+            keys = await store.list(prefix)
+            blobs = [(k, await store.get(k)) for k in keys]
+        except StorageError as exc:
+            log.warning(
+                "cannot read checkpoints; resuming from the local journal only", error=str(exc)
+            )
+            blobs = []
+        picked = pick_latest(blobs, self.secret)
+        cp = picked.checkpoint if picked is not None else Checkpoint(self.run_id, "")
+        records = replay(self.journal_path) if os.path.exists(self.journal_path) else []
+        apply_records(cp, records)
+        journal_blobs = restore_journal(records)
+        if not cp.nodes:
+            log.warning("nothing to resume for this run id; running everything", run_id=self.run_id)
+            return
+        if not cp.dag_fingerprint:
+            cp.dag_fingerprint = self.checkpoint.dag_fingerprint
+        try:
+            check_compatible(cp, self.checkpoint.dag_fingerprint, self.run_id, self.nodes)
+        except CheckpointMismatch as exc:
+            raise ResumeError(str(exc)) from None
+        reusable = reusable_nodes(cp, self.lineage)
+        sem = anyio.Semaphore(32)
+        restored: dict[str, Packed] = {}
+        missing: set[str] = set()
+
+        async def fetch(name: str, output: str, h: str) -> None:
+            async with sem:
+                try:
+                    blob = journal_blobs.get(h) or await store.get(result_key(h))
+                    restored[output] = decode_result(blob, self.secret, expected_hash=h)
+                except (StorageError, IntegrityError) as exc:
+                    log.warning(
+                        "a stored output is unusable; its node runs again",
+                        node=name,
+                        output=output,
+                        error=str(exc),
+                    )
+                    missing.add(name)
+
+        async with anyio.create_task_group() as tg:
+            for name in reusable:
+                for output, h in cp.nodes[name].outputs.items():
+                    tg.start_soon(fetch, name, output, h)
+        reusable -= missing
+        for name in reusable:
+            for output, h in cp.nodes[name].outputs.items():
+                value = restored[output]
+                data[output] = value if packed else _unpack(value)
+                durable.hashes[output] = h
+        self.restored = reusable
+        self.checkpoint.nodes = {n: cp.nodes[n] for n in reusable}
+        self.checkpoint.seq = cp.seq
+        log.info(
+            "resuming",
+            run_id=self.run_id,
+            reused=len(reusable),
+            rerun=len(self.nodes) - len(reusable),
+        )
+
+    def spawn(
+        self,
+        system: ActorSystem,
+        scheduler: Callable[[], ActorRef[Any]],
+        durable: RunDurability,
+        metrics: MetricsManager,
+    ) -> None:
+        """Start the recorder and cache actors for this run."""
+        if self.store is not None:
+            store, cp, path = self.store, self.checkpoint, self.journal_path
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.recorder = durable.recorder = system.spawn(
+                lambda: Recorder(
+                    store,
+                    cp,
+                    self.lineage,
+                    path,
+                    secret=self.secret,
+                    every=self.every,
+                    interval=self.interval,
+                    keep=self.keep,
+                ),
+                "recorder",
+            )
+        if self.cache_store is not None:
+            cache_store = self.cache_store
+            self.cache = durable.cache = system.spawn(
+                lambda: Cache(
+                    cache_store, scheduler, metrics, ttl=self.cache_ttl, secret=self.secret
+                ),
+                "cache",
+            )
+
+    async def finish(self, timeout: float = 30.0) -> None:
+        """Sync the last completions (on success and on failure alike)."""
+        if self.recorder is not None:
+            self.synced = await self.recorder.ask(Flush(timeout), timeout=timeout + 5)
+
+    async def close(self) -> None:
+        for store in {id(s): s for s in (self.store, self.cache_store) if s}.values():
+            try:
+                await store.close()
+            except Exception as exc:  # closing must not hide the run's own outcome
+                log.debug("closing storage failed", error=repr(exc))
+
+
+def _unpack(value: Packed) -> Any:
+    from ._wire import unpack
+
+    return unpack(value)
