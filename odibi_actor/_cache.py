@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import msgpack
 import structlog
 
@@ -28,6 +30,13 @@ from .metrics import MetricsManager
 from .storage import Storage, StorageError
 
 log = structlog.get_logger("odibi_actor.cache")
+
+
+@dataclass(slots=True)
+class Drain:
+    """Ask: wait until every result handed to the cache is written (end of run)."""
+
+    timeout: float = 30.0
 
 
 def entry_key(key: str) -> str:
@@ -55,12 +64,22 @@ class Cache(Actor):
         self.ttl = ttl
         self.secret = secret
         self._warned = False
+        self.storing = 0  # Store messages still being written
+        self._stored = anyio.Event()
 
-    async def on_message(self, message: Any) -> None:
+    async def on_message(self, message: Any) -> Any:
         if isinstance(message, Lookup):
             self.start_task(lambda: self._lookup(message))
         elif isinstance(message, Store):
+            self.storing += 1
             self.start_task(lambda: self._store(message))
+        elif isinstance(message, Drain):
+            with anyio.move_on_after(message.timeout):
+                while self.storing:
+                    await self._stored.wait()
+                    self._stored = anyio.Event()
+            return self.storing == 0
+        return None
 
     async def _lookup(self, message: Lookup) -> None:
         hits: list[Outcome] = []
@@ -109,6 +128,9 @@ class Cache(Actor):
                 self.metrics.cache_bytes_written += len(entry)
         except StorageError as exc:
             self._warn("cannot write to the cache; the run goes on without it", exc)
+        finally:
+            self.storing -= 1
+            self._stored.set()
 
     def _warn(self, what: str, exc: BaseException) -> None:
         if not self._warned:

@@ -321,9 +321,18 @@ def _node_fp(node: DAGNode, fper: _Fingerprinter) -> str:
     )
 
 
+def node_fingerprints(nodes: Mapping[str, DAGNode] | Iterable[DAGNode]) -> dict[str, str]:
+    """:func:`node_fingerprint` of every node in one pass (each function is read once):
+    what :func:`cache_key` wants, and what :func:`dag_fingerprints` can reuse."""
+    items = nodes.values() if isinstance(nodes, Mapping) else nodes
+    fper = _Fingerprinter()
+    return {n.name: _node_fp(n, fper) for n in items}
+
+
 def dag_fingerprints(
     nodes: Mapping[str, DAGNode] | Iterable[DAGNode],
     external: Mapping[str, str] | None = None,
+    own: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Lineage fingerprint of every node: its own fingerprint plus, per input in declared
     order, the lineage fingerprint of the node producing it (a Merkle hash over the DAG).
@@ -331,8 +340,9 @@ def dag_fingerprints(
     A node's lineage therefore changes exactly when it or any ancestor changes, so "what
     must run again" is a plain per-node comparison. ``external`` optionally maps inputs no
     node produces (initial data) to their content hashes, so changed initial data counts as
-    a change too; without it only their names count. Computed in topological order with no
-    recursion, so 100,000-node chains work. Raises :class:`CycleError` on a cycle.
+    a change too; without it only their names count. ``own`` may pass the nodes'
+    :func:`node_fingerprints` to avoid computing them twice. Computed in topological order
+    with no recursion, so 100,000-node chains work. Raises :class:`CycleError` on a cycle.
     """
     items = list(nodes.values()) if isinstance(nodes, Mapping) else list(nodes)
     by_name: dict[str, DAGNode] = {}
@@ -358,7 +368,8 @@ def dag_fingerprints(
             src = producer.get(inp)
             parts.append(inp)
             parts.append("node:" + lineage[src] if src is not None else "ext:" + ext.get(inp, ""))
-        lineage[name] = _digest("lineage", _node_fp(node, fper), str(len(parts)), *parts)
+        mine = own[name] if own is not None else _node_fp(node, fper)
+        lineage[name] = _digest("lineage", mine, str(len(parts)), *parts)
     return {n.name: lineage[n.name] for n in items}
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import structlog
 
-from ._cache import Cache
+from ._cache import Cache, Drain
 from ._checkpoint import (
     Checkpoint,
     CheckpointMismatch,
@@ -223,6 +223,8 @@ class Persistence:
 
     async def finish(self, timeout: float = 30.0) -> None:
         """Sync the last completions (on success and on failure alike)."""
+        if self.cache is not None:
+            await self.cache.ask(Drain(timeout), timeout=timeout + 5)
         if self.recorder is not None:
             self.synced = await self.recorder.ask(Flush(timeout), timeout=timeout + 5)
 

@@ -149,7 +149,10 @@ class Recorder(Actor):
                 log.info("storage is back; checkpoints synced")
             self._store_down = False
             backoff = 0.5
-            self._synced.set()
+            if self.unsynced or self.pending:
+                self._wake.set()  # more arrived while we uploaded: go again
+            else:
+                self._synced.set()
 
     async def _sync_once(self) -> None:
         # results first: a snapshot must never name a result the store does not have

@@ -20,6 +20,9 @@ from .errors import DAGValidationError, NodeFailedError, OdibiError
 from .executor import DistributedExecutor
 from .metrics import MetricsManager
 
+DEFAULT_CACHE = "file://" + os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "odibi-actor"
+)
 SUMMARY_ROWS = 40  # larger runs show the slowest nodes only
 
 EPILOG = """\
@@ -84,6 +87,41 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help='directory for outputs; sets the initial dataset "out_dir"',
     )
+    run.add_argument(
+        "--checkpoint",
+        metavar="URL",
+        default=None,
+        help="record progress to file:///path or az://container/prefix so a crashed run"
+        " can be resumed",
+    )
+    run.add_argument("--run-id", default=None, help="name of this run (needed to --resume)")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse every node the checkpointed run --run-id finished; run the rest",
+    )
+    run.add_argument(
+        "--cache",
+        metavar="URL",
+        default=DEFAULT_CACHE,
+        help=f"result cache across runs (default: {DEFAULT_CACHE})",
+    )
+    run.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    run.add_argument(
+        "--cache-ttl",
+        type=float,
+        default=None,
+        metavar="S",
+        help="ignore cache entries older than S seconds",
+    )
+    run.add_argument(
+        "--secret-env",
+        metavar="VAR",
+        default="ODIBI_SECRET",
+        help="environment variable holding a cluster secret that signs checkpoints and"
+        " cached results (HMAC); unsigned or tampered blobs are refused (default:"
+        " ODIBI_SECRET, unset means checksums only)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no live progress bar")
     run.add_argument("--log-json", action="store_true", help="log JSON lines to stderr")
     run.add_argument(
@@ -92,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     graph = sub.add_parser("graph", help="print the DAG as a Mermaid flowchart")
     graph.add_argument("target", metavar="TARGET", help="module path or .py file with dag()")
+
+    cache = sub.add_parser("cache", help="manage the result cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    purge = cache_sub.add_parser("purge", help="delete cache entries (all, or old ones)")
+    purge.add_argument(
+        "--cache",
+        metavar="URL",
+        default=DEFAULT_CACHE,
+        help=f"the cache (default: {DEFAULT_CACHE})",
+    )
+    purge.add_argument(
+        "--older-than",
+        metavar="AGE",
+        default=None,
+        help="only entries older than AGE: seconds, or with a unit: 90s, 30m, 12h, 7d",
+    )
 
     status = sub.add_parser(
         "status",
@@ -147,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "status":
             return _status(args, console)
+        if args.command == "cache":
+            return _cache_purge(args, console)
         if args.command == "keygen":
             from ._security import keygen
 
@@ -201,6 +257,11 @@ def _run(args: argparse.Namespace, console: Console, err: Console) -> int:
         address=args.address,
         curve_secret=args.curve_secret,
         server_key=args.server_key,
+        checkpoint=args.checkpoint,
+        run_id=args.run_id,
+        cache=None if args.no_cache or args.address else args.cache,
+        cache_ttl=args.cache_ttl,
+        secret=os.environ.get(args.secret_env) or None,
     )
     structlog.get_logger("odibi_actor.cli").info(
         "run starting", target=args.target, nodes=len(pipeline.nodes), backend=args.backend
@@ -208,7 +269,7 @@ def _run(args: argparse.Namespace, console: Console, err: Console) -> int:
     failure: NodeFailedError | None = None
     with bar:
         try:
-            executor.run(data)
+            executor.run(data, resume=args.resume)
         except NodeFailedError as exc:
             failure = exc
     console.print(summary_table(executor.metrics))
@@ -220,6 +281,49 @@ def _run(args: argparse.Namespace, console: Console, err: Console) -> int:
         f" {m.workers} {'threads' if args.backend == 'threads' else 'workers'}"
         + (f"; outputs in {data['out_dir']}" if "out_dir" in data else "")
     )
+    if executor.cache or executor.checkpoint:
+        console.print(
+            f"cache: {m.cache_hits} hits, {m.cache_misses} misses,"
+            f" {_size(m.cache_bytes_read)} read, {_size(m.cache_bytes_written)} written"
+            + (f"; resumed: {m.restored} nodes reused" if args.resume else "")
+            + (f"; checkpoint run id {executor.run_id}" if executor.checkpoint else "")
+        )
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _parse_age(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        pass
+    raise ValueError(f"--older-than: cannot read {text!r}; use e.g. 3600, 30m, 12h, 7d")
+
+
+def _cache_purge(args: argparse.Namespace, console: Console) -> int:
+    import anyio
+
+    from ._cache import purge
+    from .storage import open_storage
+
+    older = _parse_age(args.older_than) if args.older_than else None
+
+    async def go() -> tuple[int, int]:
+        async with open_storage(args.cache) as store:
+            return await purge(store, older)
+
+    entries, results = anyio.run(go)
+    console.print(f"purged {entries} cache entries and {results} results from {args.cache}")
     return 0
 
 

@@ -18,5 +18,13 @@ fi
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet -e '.[test]'
 
+# The az:// storage tests run against Azurite (Azure Storage emulator, npm), kept in .azurite/.
+AZURITE_VERSION=3.35.0
+if [ ! -x .azurite/node_modules/.bin/azurite-blob ] \
+  || ! grep -qs "\"version\": \"$AZURITE_VERSION\"" .azurite/node_modules/azurite/package.json; then
+  command -v npm >/dev/null || { echo "npm (Node.js 20) is needed to install Azurite" >&2; exit 1; }
+  npm install --prefix .azurite --no-audit --no-fund --loglevel=error "azurite@$AZURITE_VERSION"
+fi
+
 python -m ruff check odibi_actor tests scripts
 python -m pytest "$@"
