@@ -163,6 +163,13 @@ def external_inputs(nodes: Mapping[str, DAGNode]) -> dict[str, list[str]]:
 def check_inputs(nodes: Mapping[str, DAGNode], supplied: Iterable[str]) -> None:
     """Raise :class:`MissingInputError` naming every input nobody provides."""
     have = set(supplied)
+    produced = {out: n.name for n in nodes.values() for out in n.outputs}
+    clashes = [f"{k!r} (produced by {produced[k]!r})" for k in have if k in produced]
+    if clashes:
+        raise DAGValidationError(
+            "initial data may not name a dataset a node produces, or the node's output would"
+            " be lost: " + ", ".join(sorted(clashes))
+        )
     missing = {k: v for k, v in external_inputs(nodes).items() if k not in have}
     if missing:
         parts = [

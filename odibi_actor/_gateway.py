@@ -264,8 +264,8 @@ class Gateway(Actor):
         rec = self.runs.get(run_id)
         if rec is None:
             raise KeyError(
-                f"no run {run_id!r} on this coordinator (finished runs are kept"
-                f" {self.retention:g}s)"
+                f"no run {run_id!r} on this coordinator: never submitted here, lost when the"
+                f" coordinator restarted, or finished more than {self.retention:g}s ago"
             )
         return rec
 

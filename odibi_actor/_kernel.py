@@ -21,7 +21,7 @@ import structlog
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .errors import ActorCrashed
+from .errors import ActorCrashed, OdibiError
 
 log = structlog.get_logger("odibi_actor.kernel")
 
@@ -139,9 +139,11 @@ class ActorSystem:
         try:
             return await self._tg.__aexit__(*exc)
         except BaseExceptionGroup as group:
-            crashed = group.subgroup(ActorCrashed)
-            if crashed is not None:
-                raise _first_leaf(crashed) from None
+            # surface our own clear errors, not a group wrapping them
+            for kind in (ActorCrashed, OdibiError):
+                found = group.subgroup(kind)
+                if found is not None:
+                    raise _first_leaf(found) from None
             raise
 
     def spawn(

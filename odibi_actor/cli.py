@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NodeFailedError as exc:
         err.print(f"[red]run failed:[/red] {exc}", highlight=False)
         return 1
-    except (OdibiError, ValueError) as exc:
+    except (OdibiError, ValueError, OSError) as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         return 2
 

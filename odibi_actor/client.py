@@ -124,9 +124,16 @@ class Client:
     def _new_socket(self) -> zmq.Socket[Any]:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        if self._options is not None:
-            self._options(sock)
-        sock.connect(self.address)
+        try:
+            if self._options is not None:
+                self._options(sock)
+            sock.connect(self.address)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise CoordinatorError(
+                f"bad coordinator address {self.address!r} ({exc}); expected tcp://HOST:PORT,"
+                " the coordinator's --client-listen address"
+            ) from None
         return sock
 
     def _request(
@@ -134,7 +141,7 @@ class Client:
         header: dict[str, Any],
         values: list[Packed] | None = None,
         timeout: float | None = None,
-        retries: int = 1,
+        retries: int = 0,
         sock: zmq.Socket[Any] | None = None,
     ) -> tuple[dict[str, Any], list[Packed]]:
         """One request on the shared socket, or on ``sock`` (a long poll's own socket)."""

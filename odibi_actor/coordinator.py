@@ -228,6 +228,13 @@ async def _amain(config: CoordinatorConfig) -> None:
             tg.cancel_scope.cancel()
 
 
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_logging(json=args.log_json, level=args.log_level)
@@ -244,7 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         retention=args.retention,
     )
     try:
-        anyio.run(_amain, config)
+        try:
+            anyio.run(_amain, config)
+        except BaseExceptionGroup as group:  # the signal task group wraps what went wrong
+            raise _first_leaf(group) from None
     except OdibiError as exc:
         print(f"odibi-coordinator: {exc}", file=sys.stderr)
         sys.exit(2)

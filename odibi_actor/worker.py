@@ -89,6 +89,7 @@ class Worker:
         self._fns: dict[str, dict[int, Callable[..., Any] | Exception]] = {}
         self._runs: dict[str, dict[int, _NodeInfo]] = {}
         self._last_recv = self._last_send = 0.0
+        self._welcomed = False
         self.sessions = 0
         self._max_frame: int | None = None  # the coordinator's frame size limit
         self.runner: TaskRunner | None = None
@@ -113,9 +114,20 @@ class Worker:
                     backoff = 0.25
                 if reason != "reset":
                     delay = backoff * random.uniform(0.5, 1.0)
-                    log.warning(
-                        "coordinator lost; reconnecting", reason=reason, retry_in=round(delay, 2)
-                    )
+                    if reason == "lost":  # never welcomed in this session
+                        log.warning(
+                            "no answer from the coordinator; is it running at this address,"
+                            " and with CurveZMQ, is this worker's public key authorised and"
+                            " --server-key the coordinator's?",
+                            address=self.address,
+                            retry_in=round(delay, 2),
+                        )
+                    else:
+                        log.warning(
+                            "coordinator lost; reconnecting",
+                            reason=reason,
+                            retry_in=round(delay, 2),
+                        )
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopped.wait(), delay)
                     backoff = min(self.max_backoff, backoff * 2)
@@ -130,6 +142,9 @@ class Worker:
         self._draining = True
         returned = self.runner.take_unstarted()
         log.info("worker draining", returned=len(returned), running=self.runner.in_flight)
+        if self._sock is None or not self._welcomed:
+            self._stopped.set()  # no coordinator to hand anything back to: just stop
+            return
         self._spawn(self._send_bye(returned))
         self._wake.set()
 
@@ -190,7 +205,11 @@ class Worker:
         if self._sock is None:
             return
         self._last_send = time.monotonic()
-        await self._sock.send_multipart(wire.encode(header, values or ()), copy=False)
+        send = self._sock.send_multipart(wire.encode(header, values or ()), copy=False)
+        try:  # a send blocks while no connection is up (refused keys, dead peer): bound it
+            await asyncio.wait_for(send, self.heartbeat_timeout)
+        except TimeoutError:
+            raise _SessionEnded("lost") from None
 
     async def _send_bye(self, returned: list[Task], done: bool = False) -> None:
         await self._send(
