@@ -114,20 +114,19 @@ class Worker:
                     backoff = 0.25
                 if reason != "reset":
                     delay = backoff * random.uniform(0.5, 1.0)
-                    if reason == "lost":  # never welcomed in this session
-                        log.warning(
-                            "no answer from the coordinator; is it running at this address,"
-                            " and with CurveZMQ, is this worker's public key authorised and"
-                            " --server-key the coordinator's?",
-                            address=self.address,
-                            retry_in=round(delay, 2),
+                    hint = None
+                    if reason == "lost":  # not even welcomed in this session
+                        hint = (
+                            "is the coordinator running at this address, and with CurveZMQ,"
+                            " is this worker's public key authorised and --server-key right?"
                         )
-                    else:
-                        log.warning(
-                            "coordinator lost; reconnecting",
-                            reason=reason,
-                            retry_in=round(delay, 2),
-                        )
+                    log.warning(
+                        "coordinator not answering; reconnecting",
+                        reason=reason,
+                        address=self.address,
+                        retry_in=round(delay, 2),
+                        hint=hint,
+                    )
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopped.wait(), delay)
                     backoff = min(self.max_backoff, backoff * 2)
