@@ -25,7 +25,7 @@ from ._durable import CACHE_WORKER, CacheMiss, Lookup, Store
 from ._kernel import Actor, ActorRef
 from ._messages import Outcomes
 from ._runner import Outcome
-from ._wire import Packed
+from ._wire import Packed, unpack
 from .metrics import MetricsManager
 from .storage import Storage, StorageError
 
@@ -57,7 +57,9 @@ class Cache(Actor):
         *,
         ttl: float | None = None,
         secret: bytes | None = None,
+        packed: bool = True,
     ) -> None:
+        self.packed = packed  # False for the threads backend, which passes plain objects
         self.store = store
         self._scheduler = scheduler
         self.metrics = metrics
@@ -89,6 +91,8 @@ class Cache(Actor):
             if values is None or len(values) != len(spec.node.outputs):
                 misses.append(spec)
             else:
+                if not self.packed:
+                    values = [unpack(v) for v in values]
                 hits.append(
                     Outcome(spec.tid, spec.attempt, 0.0, tuple(values), worker=CACHE_WORKER)
                 )

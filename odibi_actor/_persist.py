@@ -90,6 +90,7 @@ class Persistence:
         self.recorder: ActorRef[Any] | None = None
         self.cache: ActorRef[Any] | None = None
         self.restored: set[str] = set()
+        self.pending_uploads: dict[str, bytes] = {}  # result blobs only the journal holds
         self.resume_seconds = 0.0
         self.synced = True
 
@@ -99,6 +100,7 @@ class Persistence:
 
     async def open(self, data: dict[str, Any], packed: bool) -> RunDurability:
         """Open the stores and, on resume, put the reusable outputs into ``data``."""
+        self.packed = packed
         initial = {k: v if isinstance(v, Packed) else pack(v) for k, v in data.items()}
         external = {k: content_hash(v) for k, v in initial.items()}
         lineage = lineage_fingerprints(self.nodes, external)
@@ -113,8 +115,10 @@ class Persistence:
                 t0 = anyio.current_time()
                 await self._load(data, durable, packed)
                 self.resume_seconds = anyio.current_time() - t0
-            elif os.path.exists(self.journal_path):
-                os.unlink(self.journal_path)  # a fresh run under an old run id
+            else:  # a fresh run under an old run id replaces that run's checkpoints
+                if os.path.exists(self.journal_path):
+                    os.unlink(self.journal_path)
+                await self._discard_old_snapshots()
         if self.cache_url:
             self.cache_store = (
                 self.store
@@ -122,6 +126,15 @@ class Persistence:
                 else open_storage(self.cache_url)
             )
         return durable
+
+    async def _discard_old_snapshots(self) -> None:
+        assert self.store is not None
+        prefix = snapshot_key(self.run_id, 0).rsplit("/", 1)[0] + "/"
+        try:
+            for key in await self.store.list(prefix):
+                await self.store.delete(key)
+        except StorageError as exc:
+            log.warning("cannot clear the earlier checkpoints of this run id", error=str(exc))
 
     async def _load(self, data: dict[str, Any], durable: RunDurability, packed: bool) -> None:
         assert self.store is not None
@@ -175,6 +188,8 @@ class Persistence:
         reusable -= missing
         for name in reusable:
             for output, h in cp.nodes[name].outputs.items():
+                if h in journal_blobs:  # only the journal had it: the store must get it too
+                    self.pending_uploads[h] = journal_blobs[h]
                 value = restored[output]
                 data[output] = value if packed else _unpack(value)
                 durable.hashes[output] = h
@@ -209,6 +224,7 @@ class Persistence:
                     every=self.every,
                     interval=self.interval,
                     keep=self.keep,
+                    pending=self.pending_uploads,
                 ),
                 "recorder",
             )
@@ -216,7 +232,12 @@ class Persistence:
             cache_store = self.cache_store
             self.cache = durable.cache = system.spawn(
                 lambda: Cache(
-                    cache_store, scheduler, metrics, ttl=self.cache_ttl, secret=self.secret
+                    cache_store,
+                    scheduler,
+                    metrics,
+                    ttl=self.cache_ttl,
+                    secret=self.secret,
+                    packed=self.packed,
                 ),
                 "cache",
             )

@@ -59,6 +59,7 @@ class Recorder(Actor):
         interval: float = 5.0,
         keep: int = 3,
         uploaded: set[str] | None = None,
+        pending: dict[str, bytes] | None = None,
     ) -> None:
         self.store = store
         self.cp = checkpoint
@@ -66,7 +67,8 @@ class Recorder(Actor):
         self.journal_path = journal_path
         self.secret = secret
         self.every, self.interval, self.keep = every, interval, keep
-        self.pending: dict[str, bytes] = {}  # content hash -> result blob not yet uploaded
+        # content hash -> result blob not yet uploaded (a resume may hand some over)
+        self.pending: dict[str, bytes] = dict(pending or {})
         self.uploaded: set[str] = uploaded if uploaded is not None else set()
         self.appended = 0  # journal records since it was last truncated
         self.unsynced = 0  # completions since the last stored snapshot
