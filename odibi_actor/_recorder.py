@@ -112,6 +112,8 @@ class Recorder(Actor):
         """Final sync; on a dead store the journal keeps it and a resume will upload it."""
         if not self.unsynced and not self.pending:
             return True
+        if self._store_down:  # do not hold the run's end hostage to a dead store
+            timeout = min(timeout, 5.0)
         self._synced = anyio.Event()
         self._wake.set()
         with anyio.move_on_after(timeout):
