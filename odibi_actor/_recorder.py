@@ -160,11 +160,26 @@ class Recorder(Actor):
 
     async def _sync_once(self) -> None:
         # results first: a snapshot must never name a result the store does not have
-        for h, blob in list(self.pending.items()):
-            if await self.store.put_if_absent(result_key(h), blob):
-                self.bytes_written += len(blob)
+        limit = anyio.Semaphore(64)  # uploads overlap: each one mostly waits on I/O
+
+        failed: list[StorageError] = []
+
+        async def upload(h: str, blob: bytes) -> None:
+            try:
+                async with limit:
+                    if await self.store.put_if_absent(result_key(h), blob):
+                        self.bytes_written += len(blob)
+            except StorageError as exc:
+                failed.append(exc)
+                return
             self.uploaded.add(h)
-            del self.pending[h]
+            self.pending.pop(h, None)
+
+        async with anyio.create_task_group() as tg:
+            for h, blob in list(self.pending.items()):
+                tg.start_soon(upload, h, blob)
+        if failed:
+            raise failed[0]
         appended, unsynced = self.appended, self.unsynced
         self.cp.seq += 1
         self.cp.created = time.time()
