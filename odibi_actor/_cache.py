@@ -87,14 +87,22 @@ class Cache(Actor):
         hits: list[Outcome] = []
         misses = []
         for spec, key in message.items:
-            values = await self._get(key)
-            if values is None or len(values) != len(spec.node.outputs):
+            got = await self._get(key)
+            if got is None or len(got[0]) != len(spec.node.outputs):
                 misses.append(spec)
             else:
+                values, hashes = got
                 if not self.packed:
                     values = [unpack(v) for v in values]
                 hits.append(
-                    Outcome(spec.tid, spec.attempt, 0.0, tuple(values), worker=CACHE_WORKER)
+                    Outcome(
+                        spec.tid,
+                        spec.attempt,
+                        0.0,
+                        tuple(values),
+                        worker=CACHE_WORKER,
+                        hashes=tuple(hashes),
+                    )
                 )
         scheduler = self._scheduler()
         if hits:
@@ -102,7 +110,7 @@ class Cache(Actor):
         if misses:
             scheduler.tell(CacheMiss(misses))
 
-    async def _get(self, key: str) -> list[Packed] | None:
+    async def _get(self, key: str) -> tuple[list[Any], list[str]] | None:
         try:
             ekey = entry_key(key)
             if self.ttl is not None and time.time() - await self.store.modified(ekey) > self.ttl:
@@ -114,7 +122,7 @@ class Cache(Actor):
                 blob = await self.store.get(cached_result_key(h))
                 self.metrics.cache_bytes_read += len(blob)
                 values.append(decode_result(blob, self.secret, expected_hash=h))
-            return values
+            return values, list(hashes)
         except KeyError:
             return None
         except (StorageError, IntegrityError, ValueError) as exc:

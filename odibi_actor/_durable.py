@@ -98,16 +98,21 @@ class RunDurability:
         duration: float,
         values: tuple[Any, ...],
         cached: bool,
+        known: tuple[str, ...] | None = None,
     ) -> None:
-        """Hash a finished node's outputs; record it, and cache it if it was computed."""
+        """Hash a finished node's outputs; record it, and cache it if it was computed.
+
+        ``known`` are hashes a cache hit already carries: a value that went through
+        pickling twice need not pickle to the same bytes, and keys must not drift.
+        """
         if self.recorder is None and self.cache is None:
             return
         hashes = {}
         packed = {}
-        for name, value in zip(node.outputs, values, strict=True):
+        for i, (name, value) in enumerate(zip(node.outputs, values, strict=True)):
             if not isinstance(value, Packed):  # the threads backend keeps plain objects
                 value = pack(value)
-            h = self.hashes[name] = content_hash(value)
+            h = self.hashes[name] = known[i] if known else content_hash(value)
             hashes[name] = h
             packed[h] = value
         if self.recorder is not None:

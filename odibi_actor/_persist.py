@@ -22,6 +22,7 @@ from ._checkpoint import (
     apply_records,
     check_compatible,
     decode_result,
+    parse_snapshot_key,
     pick_latest,
     replay,
     result_key,
@@ -147,9 +148,12 @@ class Persistence:
             log.warning(
                 "cannot read checkpoints; resuming from the local journal only", error=str(exc)
             )
-            blobs = []
+            keys, blobs = [], []
         picked = pick_latest(blobs, self.secret)
         cp = picked.checkpoint if picked is not None else Checkpoint(self.run_id, "")
+        # new snapshots go after every existing one, even those we could not use
+        seqs = [p[1] for p in map(parse_snapshot_key, keys) if p is not None]
+        self.checkpoint.seq = max([cp.seq, *seqs])
         records = replay(self.journal_path) if os.path.exists(self.journal_path) else []
         apply_records(cp, records)
         journal_blobs = restore_journal(records)
@@ -195,7 +199,6 @@ class Persistence:
                 durable.hashes[output] = h
         self.restored = reusable
         self.checkpoint.nodes = {n: cp.nodes[n] for n in reusable}
-        self.checkpoint.seq = cp.seq
         log.info(
             "resuming",
             run_id=self.run_id,

@@ -47,6 +47,7 @@ class Outcome:
     traceback: str = ""
     worker: str | None = field(default=None)
     run: str = ""
+    hashes: tuple[str, ...] | None = None  # content hashes, when known (cache hits)
 
     @property
     def ok(self) -> bool:

@@ -204,7 +204,7 @@ class Scheduler(Actor):
                     m.cached = cached
                     metrics.cache_hits += cached
                     self.durable.completed(
-                        node, o.tid, o.attempt, o.duration, o.values or (), cached
+                        node, o.tid, o.attempt, o.duration, o.values or (), cached, o.hashes
                     )
                 if self.hooks.per_node:
                     self.hooks.ended(node, "success", o.duration, None)
