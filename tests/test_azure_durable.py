@@ -96,7 +96,7 @@ def test_az_second_run_is_all_cache_hits(tmp_path, az):
     assert (m2.cache_hits, m2.cache_misses) == (6, 0) and m2.cache_bytes_read > 0
     assert len(lines(marker)) == 6
     assert second == first
-    # a tiny TTL ignores the entries; a tampered blob under a secret is refused (HMAC)
+    # a tiny TTL ignores the entries; entries signed with another secret are refused (HMAC)
     _, m3 = run_cached(nodes, cache, tmp_path, cache_ttl=0.000001)
     assert m3.cache_misses == 6
     signed, m4 = run_cached(nodes, f"{az}/signed", tmp_path, secret=b"k")

@@ -25,6 +25,7 @@ from typing import Any
 
 import anyio
 import msgpack
+import numpy as np
 import pytest
 import structlog.testing
 from conftest import PYTHON, kill_tree, wait_for, wait_gone, worker_children
@@ -687,7 +688,8 @@ def test_checkpoint_signed_with_one_secret_is_refused_with_another(tmp_path):
 
 # --- the result cache -----------------------------------------------------------------------
 def cache_dag(marker: Path, uncached: str | None = None) -> dict:
-    """x -> a -> b -> c, y -> d -> c, and e(x): six nodes with dict/bytes outputs."""
+    """x -> a -> b -> c <- d <- y, and x -> e -> f: six nodes with dict/bytes outputs; e keeps
+    only the parity of x, so f's input can stay the same when x changes."""
     step = marking_values(marker)
     b = DAGBuilder()
     spec = [
@@ -762,6 +764,37 @@ def test_node_with_cache_false_always_runs(tmp_path, backend):
     assert lines(marker)[n:] == ["c"]
     assert m.cache_hits == 5 and not m.nodes["c"].cached
     assert second == first
+
+
+def np_step(marker: str, name: str, *inputs: Any) -> Any:
+    with open(marker, "a") as f:
+        f.write(name + "\n")
+    if name == "make":
+        return np.arange(inputs[0], dtype=np.float64) * 1.5, {"n": inputs[0]}
+    if name == "half":
+        return inputs[0][::2] + inputs[1]["n"]
+    return float(inputs[0].sum())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+def test_numpy_outputs_hit_the_cache_all_the_way_down(tmp_path, backend):
+    """Arrays travel as out-of-band buffers: a hit restores them, and the nodes reading
+    them must hit too (their inputs' content hashes must not change on the way)."""
+    marker = tmp_path / "marker"
+    step = functools.partial(np_step, str(marker))
+    b = DAGBuilder()
+    b.add_node("make", functools.partial(step, "make"), ["n"], ["arr", "meta"])
+    b.add_node("half", functools.partial(step, "half"), ["arr", "meta"], ["h"])
+    b.add_node("total", functools.partial(step, "total"), ["h"], ["t"])
+    nodes = b.build()
+    cache = (tmp_path / "cache").as_uri()
+    first, _ = run_cached(nodes, cache, tmp_path, backend, data={"n": 50_000})
+    second, m = run_cached(nodes, cache, tmp_path, backend, data={"n": 50_000})
+    assert np.array_equal(second["arr"], first["arr"]) and second["meta"] == {"n": 50_000}
+    assert np.array_equal(second["h"], first["h"]) and second["t"] == first["t"]
+    assert len(lines(marker)) == 3, f"ran again: {lines(marker)[3:]}"
+    assert (m.cache_hits, m.cache_misses) == (3, 0)
 
 
 @pytest.mark.timeout(60)
