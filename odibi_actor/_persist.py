@@ -111,7 +111,7 @@ class Persistence:
         self.lineage = lineage
         self.checkpoint = Checkpoint(self.run_id, combine_fingerprints(lineage))
         if self.checkpoint_url:
-            self.store = open_storage(self.checkpoint_url)
+            self.store = _open(self.checkpoint_url)
             if self.resume:
                 t0 = anyio.current_time()
                 await self._load(data, durable, packed)
@@ -122,9 +122,7 @@ class Persistence:
                 await self._discard_old_snapshots()
         if self.cache_url:
             self.cache_store = (
-                self.store
-                if self.cache_url == self.checkpoint_url
-                else open_storage(self.cache_url)
+                self.store if self.cache_url == self.checkpoint_url else _open(self.cache_url)
             )
         return durable
 
@@ -171,24 +169,31 @@ class Persistence:
         restored: dict[str, Packed] = {}
         missing: set[str] = set()
 
-        async def fetch(name: str, output: str, h: str) -> None:
+        users: dict[str, list[str]] = {}  # content hash -> nodes whose output it is
+        for name in reusable:
+            for h in cp.nodes[name].outputs.values():
+                users.setdefault(h, []).append(name)
+        by_hash: dict[str, Packed] = {}
+
+        async def fetch(h: str) -> None:
             async with sem:
                 try:
                     blob = journal_blobs.get(h) or await store.get(result_key(h))
-                    restored[output] = decode_result(blob, self.secret, expected_hash=h)
+                    by_hash[h] = decode_result(blob, self.secret, expected_hash=h)
                 except (StorageError, IntegrityError) as exc:
                     log.warning(
-                        "a stored output is unusable; its node runs again",
-                        node=name,
-                        output=output,
+                        "a stored output is unusable; its nodes run again",
+                        nodes=users[h][:5],
                         error=str(exc),
                     )
-                    missing.add(name)
+                    missing.update(users[h])
 
         async with anyio.create_task_group() as tg:
-            for name in reusable:
-                for output, h in cp.nodes[name].outputs.items():
-                    tg.start_soon(fetch, name, output, h)
+            for h in users:  # each distinct result is fetched once
+                tg.start_soon(fetch, h)
+        for name in reusable - missing:
+            for output, h in cp.nodes[name].outputs.items():
+                restored[output] = by_hash[h]
         reusable -= missing
         for name in reusable:
             for output, h in cp.nodes[name].outputs.items():
@@ -258,6 +263,17 @@ class Persistence:
                 await store.close()
             except Exception as exc:  # closing must not hide the run's own outcome
                 log.debug("closing storage failed", error=repr(exc))
+
+
+def _open(url: str) -> Storage:
+    """Stores a run uses fail fast: a dead endpoint must not stall it for minutes (the
+    Azure SDK's default retries take over a minute); the recorder retries on its own."""
+    if str(url).startswith("az://"):
+        from azure.storage.blob.aio import LinearRetry  # storage's default backs off 15 s
+
+        retry = LinearRetry(backoff=1, random_jitter_range=1, retry_total=1)
+        return open_storage(url, retry_policy=retry, connection_timeout=5, read_timeout=60)
+    return open_storage(url)
 
 
 def _unpack(value: Packed) -> Any:

@@ -77,6 +77,7 @@ class Recorder(Actor):
         self._wake = anyio.Event()
         self._synced = anyio.Event()
         self._store_down = False
+        self._flushing = False
 
     async def on_start(self) -> None:
         self.journal = Journal.open(self.journal_path)
@@ -112,12 +113,18 @@ class Recorder(Actor):
         """Final sync; on a dead store the journal keeps it and a resume will upload it."""
         if not self.unsynced and not self.pending:
             return True
-        if self._store_down:  # do not hold the run's end hostage to a dead store
-            timeout = min(timeout, 5.0)
         self._synced = anyio.Event()
+        self._flushing = True
         self._wake.set()
-        with anyio.move_on_after(timeout):
-            await self._synced.wait()
+        deadline = anyio.current_time() + timeout
+        try:
+            while not self._synced.is_set() and anyio.current_time() < deadline:
+                if self._store_down:  # never hold the run's end hostage to a dead store
+                    deadline = min(deadline, anyio.current_time() + 5.0)
+                with anyio.move_on_after(0.1):
+                    await self._synced.wait()
+        finally:
+            self._flushing = False
         done = not self.unsynced and not self.pending
         if not done:
             log.warning(
@@ -153,10 +160,10 @@ class Recorder(Actor):
                 log.info("storage is back; checkpoints synced")
             self._store_down = False
             backoff = 0.5
-            if self.unsynced or self.pending:
-                self._wake.set()  # more arrived while we uploaded: go again
-            else:
+            if not self.unsynced and not self.pending:
                 self._synced.set()
+            elif self._flushing or self.unsynced >= self.every:
+                self._wake.set()  # the run is ending, or a batch is full: go again now
 
     async def _sync_once(self) -> None:
         # results first: a snapshot must never name a result the store does not have

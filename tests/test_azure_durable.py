@@ -114,7 +114,8 @@ def test_az_two_processes_running_the_same_dag_share_one_cache(tmp_path, az):
     for r in reports:
         assert r["out"] == reference
         assert r["hits"] + r["misses"] == 12
-    assert sum(r["misses"] for r in reports) > 12, f"the two runs did not overlap: {reports}"
+    # whether the two runs overlapped depends on scheduling; the put_if_absent race itself
+    # is forced deterministically in tests/test_storage.py
     check_cache_intact(cache, reference)
     (third,) = run_racers(tmp_path, cache, env, 1, "third")
     assert third["out"] == reference
