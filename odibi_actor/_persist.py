@@ -31,8 +31,12 @@ from ._checkpoint import (
 )
 from ._dag import DAGNode
 from ._durable import RunDurability
-from ._fingerprint import _Fingerprinter, _node_fp, combine_fingerprints, content_hash
-from ._fingerprint import dag_fingerprints as lineage_fingerprints
+from ._fingerprint import (
+    combine_fingerprints,
+    content_hash,
+    dag_fingerprints,
+    node_fingerprints,
+)
 from ._kernel import ActorRef, ActorSystem
 from ._recorder import Flush, Recorder, restore_journal
 from ._wire import Packed, pack
@@ -104,9 +108,8 @@ class Persistence:
         self.packed = packed
         initial = {k: v if isinstance(v, Packed) else pack(v) for k, v in data.items()}
         external = {k: content_hash(v) for k, v in initial.items()}
-        lineage = lineage_fingerprints(self.nodes, external)
-        fper = _Fingerprinter()
-        own = {name: _node_fp(node, fper) for name, node in self.nodes.items()}
+        own = node_fingerprints(self.nodes)
+        lineage = dag_fingerprints(self.nodes, external, own=own)
         durable = RunDurability(own, uncached=self.uncached, hashes=dict(external))
         self.lineage = lineage
         self.checkpoint = Checkpoint(self.run_id, combine_fingerprints(lineage))
