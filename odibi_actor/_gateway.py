@@ -389,13 +389,15 @@ class Gateway(Actor):
 
     async def _events(self, identity: bytes, req: Any, header: dict[str, Any], _: Any) -> None:
         rec = self._record(header)
+        # the state first: once it says the run ended, every event is already logged
+        state = rec.state(await self._worker_count())
         items, cursor = rec.events.since(int(header.get("since", 0)))
         await self._reply(
             identity,
             req,
             events=items[:10_000],
             next=cursor - max(0, len(items) - 10_000),
-            state=rec.state(await self._worker_count()),
+            state=state,
         )
 
     async def _cancel(self, identity: bytes, req: Any, header: dict[str, Any], _: Any) -> None:
