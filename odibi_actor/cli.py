@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -212,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args, console, err)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]")
-        return 130
+        return 143 if _terminated else 130
     except DAGValidationError as exc:
         err.print(f"[red]invalid pipeline:[/red] {exc}", markup=True, highlight=False)
         return 2
@@ -224,8 +225,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+_terminated = False
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so workers are stopped and temporary files removed."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
 def _run(args: argparse.Namespace, console: Console, err: Console) -> int:
     configure_logging(json=args.log_json, level=args.log_level)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     if args.workers is not None and args.workers < 1:
         raise ValueError("--workers must be at least 1")
     pipeline = load_target(args.target)
