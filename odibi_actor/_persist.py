@@ -99,10 +99,6 @@ class Persistence:
         self.resume_seconds = 0.0
         self.synced = True
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.checkpoint_url or self.cache_url)
-
     async def open(self, data: dict[str, Any], packed: bool) -> RunDurability:
         """Open the stores and, on resume, put the reusable outputs into ``data``."""
         self.packed = packed

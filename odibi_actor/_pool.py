@@ -169,7 +169,6 @@ class WorkerPool(Actor):
         self.avg_duration: float | None = None
         self.epoch = uuid.uuid4().hex[:8]
         self.dropped = 0
-        self.evicted = 0
         self.closing = False  # said goodbye: late arrivals get a goodbye too
         self._last_tick = time.monotonic()
 
@@ -412,7 +411,6 @@ class WorkerPool(Actor):
                 w.last_seen = max(w.last_seen, now - self.heartbeat)
         for w in list(self.workers.values()):
             if now - w.last_seen > self.heartbeat_timeout:
-                self.evicted += 1
                 log.warning(
                     "worker missed its heartbeats; evicting",
                     worker=w.name,

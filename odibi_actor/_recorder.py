@@ -73,7 +73,6 @@ class Recorder(Actor):
         self.appended = 0  # journal records since it was last truncated
         self.unsynced = 0  # completions since the last stored snapshot
         self.bytes_written = 0
-        self.snapshots = 0
         self._wake = anyio.Event()
         self._synced = anyio.Event()
         self._store_down = False
@@ -193,7 +192,6 @@ class Recorder(Actor):
         blob = encode_checkpoint(self.cp, self.secret)
         await self.store.put(snapshot_key(self.cp.run_id, self.cp.seq), blob)
         self.bytes_written += len(blob)
-        self.snapshots += 1
         self.unsynced -= unsynced
         if self.appended == appended and not self.pending:
             self.journal.truncate()  # nothing arrived while we uploaded: all of it is stored

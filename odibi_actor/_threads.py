@@ -6,7 +6,6 @@ Values stay Python objects, nothing is pickled; handy for debugging and small jo
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 from ._kernel import Actor, ActorRef
@@ -22,7 +21,6 @@ class ThreadDispatcher(Actor):
     def __init__(self, nthreads: int, scheduler: ActorRef[Any]) -> None:
         self.nthreads = nthreads
         self.scheduler = scheduler
-        self.worker_name = f"thread-pool-{threading.get_ident()}"
 
     async def on_start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -20,7 +20,7 @@ import zmq
 import zmq.asyncio
 
 from ._gateway import ActiveRuns, Drain, Gateway
-from ._kernel import ActorSystem
+from ._kernel import ActorSystem, _first_leaf
 from ._logging import configure_logging
 from ._pool import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, SayGoodbye, WorkerPool
 from ._security import SecurityError, is_loopback, server_socket_options, start_authenticator
@@ -226,13 +226,6 @@ async def _amain(config: CoordinatorConfig) -> None:
             tg.start_soon(on_signal)
             await coordinator.serve()
             tg.cancel_scope.cancel()
-
-
-def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 def main(argv: list[str] | None = None) -> None:
