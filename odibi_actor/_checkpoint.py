@@ -10,10 +10,17 @@ What is stored, and why:
   self-describing and carries a checksum, or an HMAC with a cluster secret, which
   :func:`decode_result` checks before handing anything back: a torn or tampered blob is
   refused before anyone could unpickle it (nothing here unpickles at all).
+- **Small results** (at most :data:`INLINE_MAX` bytes, no out-of-band buffers) are the
+  exception: they ride inline in the record of the node that made them. An object per
+  ten-byte result would cost a request and a file each, far more than its bytes; the
+  Ray object store inlines small objects for the same reason.
 - **Checkpoints** (:func:`encode_checkpoint`) are msgpack: format name and version, run
-  id, DAG fingerprint and, per node, state, attempts, duration, output content hashes and
-  lineage fingerprint, all under a checksum or HMAC. :func:`pick_latest` takes the newest
-  one that decodes and falls back past corrupt ones with a warning, never a traceback.
+  id, DAG fingerprint and, per node, state, attempts, duration, output content hashes,
+  lineage fingerprint and any inline results, all under a checksum or HMAC. Node records
+  are encoded once, when they complete; the journal and every later snapshot carry those
+  bytes as they are, so a snapshot is a join, not a re-encode of every node.
+  :func:`pick_latest` takes the newest one that decodes and falls back past corrupt ones
+  with a warning, never a traceback.
 - **The journal** (:class:`Journal`) gets every completion the moment it happens, as one
   local ``write``: a kill -9 of the coordinator loses no finished node. A new snapshot
   makes it redundant, so it is truncated after each snapshot is safely stored.
@@ -49,15 +56,19 @@ from typing import Any, NamedTuple
 import msgpack
 import structlog
 
-from ._fingerprint import _bytes_view, content_hash
+from ._fingerprint import _bytes_view, content_hash, is_content_hash
 from ._state import State
 from ._wire import Packed
 from .errors import OdibiError
 
+_packb = msgpack.packb
+
 log = structlog.get_logger("odibi_actor.checkpoint")
 
 FORMAT = "odibi-checkpoint"
-VERSION = 1
+VERSION = 2  # 2 added inline results; version 1 checkpoints are read as well
+READABLE_VERSIONS = (1, 2)
+INLINE_MAX = 1024  # bytes: results this small are kept in their node's record
 CHECKPOINT_MAGIC = b"ODIBICK1"
 RESULT_MAGIC = b"ODIBIRS1"
 JOURNAL_MAGIC = b"ODIBIJ1\n"
@@ -65,7 +76,6 @@ ALG_CHECKSUM = "blake2b"
 ALG_HMAC = "hmac-sha256"
 DONE = State.DONE.value
 _DIGEST_SIZE = 32
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class IntegrityError(OdibiError, ValueError):
@@ -90,13 +100,15 @@ class CheckpointMismatch(OdibiError, ValueError):
 class NodeRecord:
     """What a checkpoint knows of one node. ``state`` is a :class:`State` value;
     ``outputs`` maps output name to content hash; ``fingerprint`` is the node's lineage
-    fingerprint (:func:`dag_fingerprints`) in the run that recorded it."""
+    fingerprint (:func:`dag_fingerprints`) in the run that recorded it; ``inline`` maps
+    the content hash of a small output to its pickle bytes."""
 
     state: str
     attempts: int = 0
     duration: float = 0.0
     outputs: dict[str, str] = field(default_factory=dict)
     fingerprint: str = ""
+    inline: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -130,28 +142,75 @@ def _mac(magic: bytes, secret: bytes | None) -> Any:
     return h
 
 
-def encode_checkpoint(cp: Checkpoint, secret: bytes | None = None) -> bytes:
+def node_fields(rec: NodeRecord) -> list[Any]:
+    """A node's record as stored: a 5-field array, or 6 with inline results."""
+    out = [rec.state, rec.attempts, float(rec.duration), rec.outputs, rec.fingerprint]
+    if rec.inline:
+        out.append(rec.inline)
+    return out
+
+
+def _map_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x80 | n])
+    if n < 1 << 16:
+        return b"\xde" + n.to_bytes(2, "big")
+    return b"\xdf" + n.to_bytes(4, "big")
+
+
+def split_map(encoded: bytes) -> tuple[int, bytes]:
+    """A msgpack-encoded map as (entry count, its key/value pairs without the header)."""
+    first = encoded[0]
+    if first & 0xF0 == 0x80:
+        return first & 0x0F, encoded[1:]
+    if first == 0xDE:
+        return int.from_bytes(encoded[1:3], "big"), encoded[3:]
+    if first == 0xDF:
+        return int.from_bytes(encoded[1:5], "big"), encoded[5:]
+    raise ValueError("not a msgpack map")
+
+
+def encode_checkpoint(
+    cp: Checkpoint,
+    secret: bytes | None = None,
+    *,
+    pairs: tuple[int, Iterable[bytes]] | None = None,
+) -> bytes:
     """``MAGIC + msgpack({"alg", "sum", "body"})``; ``body`` is the msgpack checkpoint and
-    ``sum`` its blake2b checksum, or its HMAC-SHA256 under ``secret``."""
+    ``sum`` its blake2b checksum, or its HMAC-SHA256 under ``secret``.
+
+    ``pairs``, when given, stands in for ``cp.nodes``: the nodes map already encoded, as
+    the count of its entries and chunks of its key/value pairs (see :func:`split_map`),
+    so a caller that encoded each node once need not encode it again, and may encode on
+    another thread while ``cp.nodes`` changes.
+    """
     _check_secret(secret)
-    body = msgpack.packb(
-        {
-            "format": FORMAT,
-            "version": VERSION,
-            "run_id": cp.run_id,
-            "dag_fingerprint": cp.dag_fingerprint,
-            "created": float(cp.created),
-            "seq": int(cp.seq),
-            "nodes": {
-                name: [r.state, r.attempts, float(r.duration), r.outputs, r.fingerprint]
-                for name, r in cp.nodes.items()
-            },
-        }
+    if pairs is None:
+        n, chunk = split_map(_packb({n: node_fields(r) for n, r in cp.nodes.items()}))
+        pairs = (n, [chunk])
+    count, chunks = pairs
+    head = {
+        "format": FORMAT,
+        "version": VERSION,
+        "run_id": cp.run_id,
+        "dag_fingerprint": cp.dag_fingerprint,
+        "created": float(cp.created),
+        "seq": int(cp.seq),
+    }
+    # the body map is spliced by hand so the node records need no re-encoding
+    body = b"".join(
+        [
+            _map_header(len(head) + 1),
+            *(_packb(k) + _packb(v) for k, v in head.items()),
+            _packb("nodes"),
+            _map_header(count),
+            *chunks,
+        ]
     )
     mac = _mac(CHECKPOINT_MAGIC, secret)
     mac.update(body)
     alg = ALG_CHECKSUM if secret is None else ALG_HMAC
-    return CHECKPOINT_MAGIC + msgpack.packb({"alg": alg, "sum": mac.digest(), "body": body})
+    return CHECKPOINT_MAGIC + _packb({"alg": alg, "sum": mac.digest(), "body": body})
 
 
 def decode_checkpoint(
@@ -229,7 +288,7 @@ def _parse_body(d: Any) -> Checkpoint:
     if d.get("format") != FORMAT:
         raise CheckpointCorrupt(f"not an odibi checkpoint: format name is not {FORMAT!r}")
     version = d.get("version")
-    if version != VERSION:
+    if version not in READABLE_VERSIONS or type(version) is not int:
         shown = version if type(version) is int else "unreadable"
         raise CheckpointCorrupt(
             f"unsupported checkpoint version {shown} (this build reads version {VERSION})"
@@ -249,9 +308,10 @@ def _parse_node(name: Any, raw: Any) -> NodeRecord:
     where = f"checkpoint node {str(name)[:60]!r}"
     if not isinstance(name, str):
         raise CheckpointCorrupt("checkpoint garbled: a node name is not a string")
-    if not (isinstance(raw, list | tuple) and len(raw) == 5):
+    if not (isinstance(raw, list | tuple) and len(raw) in (5, 6)):
         raise CheckpointCorrupt(f"{where} is not a 5-field record")
-    state, attempts, duration, outputs, fp = raw
+    state, attempts, duration, outputs, fp = raw[:5]
+    inline = raw[5] if len(raw) == 6 else {}
     if not isinstance(state, str):
         raise CheckpointCorrupt(f"{where}: state is not a string")
     if type(attempts) is not int or attempts < 0:
@@ -261,12 +321,15 @@ def _parse_node(name: Any, raw: Any) -> NodeRecord:
     if not isinstance(fp, str):
         raise CheckpointCorrupt(f"{where}: fingerprint is not a string")
     if not isinstance(outputs, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v)
-        for k, v in outputs.items()
+        isinstance(k, str) and is_content_hash(v) for k, v in outputs.items()
     ):
         # hashes become storage keys: anything but 64 hex digits could point elsewhere
         raise CheckpointCorrupt(f"{where}: outputs are not name -> content hash")
-    return NodeRecord(state, attempts, float(duration), dict(outputs), fp)
+    if not isinstance(inline, dict) or not all(
+        isinstance(v, bytes) and k in outputs.values() for k, v in inline.items()
+    ):
+        raise CheckpointCorrupt(f"{where}: inline results are not output hash -> bytes")
+    return NodeRecord(state, attempts, float(duration), dict(outputs), fp, inline)
 
 
 def _short(fp: str) -> str:
@@ -322,12 +385,13 @@ def reusable_nodes(cp: Checkpoint, fingerprints: Mapping[str, str]) -> set[str]:
 
 # --- journal records -----------------------------------------------------------------------
 def completion_record(name: str, rec: NodeRecord) -> dict[str, Any]:
-    """The journal entry for a node's new record (usually: it completed)."""
-    return {
-        "t": "node",
-        "node": name,
-        "rec": [rec.state, rec.attempts, float(rec.duration), rec.outputs, rec.fingerprint],
-    }
+    """The journal entry for one node's new record (usually: it completed)."""
+    return nodes_record(_packb({name: node_fields(rec)}))
+
+
+def nodes_record(encoded_map: bytes) -> dict[str, Any]:
+    """The journal entry for nodes' new records: a msgpack map of name -> record."""
+    return {"t": "nodes", "m": encoded_map}
 
 
 def apply_records(cp: Checkpoint, records: Iterable[Mapping[str, Any]]) -> int:
@@ -338,14 +402,25 @@ def apply_records(cp: Checkpoint, records: Iterable[Mapping[str, Any]]) -> int:
     """
     applied = skipped = 0
     for r in records:
-        if not isinstance(r, Mapping) or r.get("t") != "node":
+        if not isinstance(r, Mapping):
             continue
-        try:
-            cp.nodes[r["node"]] = _parse_node(r.get("node"), r.get("rec"))
-        except (CheckpointCorrupt, AttributeError, KeyError, TypeError):
-            skipped += 1
+        if r.get("t") == "node":  # one node per record, as written before "nodes"
+            pairs: Iterable[tuple[Any, Any]] = [(r.get("node"), r.get("rec"))]
+        elif r.get("t") == "nodes":
+            try:
+                pairs = msgpack.unpackb(r.get("m")).items()
+            except Exception:
+                skipped += 1
+                continue
+        else:
             continue
-        applied += 1
+        for name, raw in pairs:
+            try:
+                cp.nodes[name] = _parse_node(name, raw)
+            except (CheckpointCorrupt, TypeError):
+                skipped += 1
+                continue
+            applied += 1
     if skipped:
         log.warning("journal_records_skipped", skipped=skipped, applied=applied)
     return applied
@@ -478,7 +553,7 @@ def parse_snapshot_key(key: str) -> tuple[str, int] | None:
 
 def result_key(content: str) -> str:
     """``results/<hash[:2]>/<hash>``: fanned out so no one directory holds every result."""
-    if not isinstance(content, str) or not _HEX64.fullmatch(content):
+    if not is_content_hash(content):
         raise ValueError(f"not a content hash: {str(content)[:80]!r}")
     return f"results/{content[:2]}/{content}"
 
@@ -596,12 +671,20 @@ class Journal:
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Write one record. When this returns it survives a kill -9 of this process."""
+        self.append_many([record])
+
+    def append_many(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Write several records with one system call; each is framed as by :meth:`append`."""
         if self._fd is None:
             raise ValueError(f"journal {self.path} is closed")
         with self._lock:  # the packer is not thread-safe; writes stay whole records
-            payload = self._packer.pack(record)
-            crc = zlib.crc32(payload, zlib.crc32(_U32.pack(len(payload))))
-            _write_all(self._fd, _RECORD_HEAD.pack(len(payload), crc) + payload)
+            frames = []
+            for record in records:
+                payload = self._packer.pack(record)
+                crc = zlib.crc32(payload, zlib.crc32(_U32.pack(len(payload))))
+                frames.append(_RECORD_HEAD.pack(len(payload), crc))
+                frames.append(payload)
+            _write_all(self._fd, b"".join(frames))
 
     def sync(self) -> None:
         """fsync: make what was appended survive a machine crash too."""

@@ -1,9 +1,10 @@
-"""Durable state for one run: what the scheduler tells the recorder and the cache.
+"""Durable state for one run: what the scheduler tells the ledger and the cache.
 
 The scheduler stays in charge of the run; this object only answers two questions for it,
 synchronously and cheaply: "may this ready node be answered from the cache?" and "what
-must be recorded now that this node is done?". All storage I/O happens in the recorder and
-cache actors, so finishing a node never waits on the network.
+must be recorded now that this node is done?". The answer to the second is a local
+journal append (the ledger); all storage I/O happens in the recorder and cache actors, so
+finishing a node never waits on the network.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ._dag import DAGNode
 from ._fingerprint import cache_key, content_hash
 from ._kernel import ActorRef
 from ._messages import TaskSpec
+from ._recorder import Completion, Ledger, SyncDue
 from ._wire import Packed, pack
 
 CACHE_WORKER = "cache"  # the worker name of an outcome answered from the cache
@@ -45,26 +47,18 @@ class Store:
     values: list[Packed]
 
 
-@dataclass(slots=True)
-class Completed:
-    """Scheduler -> recorder: nodes done, with their outputs' content hashes."""
-
-    items: list[tuple[str, int, float, dict[str, str], dict[str, Packed]]]
-
-
 @dataclass
 class RunDurability:
     """Per-run bookkeeping: content hashes of datasets, cache keys of running attempts."""
 
     fingerprints: Mapping[str, str]  # node -> lineage fingerprint
+    ledger: Ledger | None = None  # journals completions; its recorder syncs them
     recorder: ActorRef[Any] | None = None
     cache: ActorRef[Any] | None = None
     uncached: frozenset[str] = frozenset()  # nodes with cache=False
     hashes: dict[str, str] = field(default_factory=dict)  # dataset -> content hash
     keys: dict[int, str] = field(default_factory=dict)  # tid -> cache key of its attempt
-    _done: list[tuple[str, int, float, dict[str, str], dict[str, Packed]]] = field(
-        default_factory=list
-    )
+    _done: list[Completion] = field(default_factory=list)
 
     def hash_inputs(self, data: Mapping[str, Any]) -> None:
         for name, value in data.items():
@@ -102,10 +96,11 @@ class RunDurability:
     ) -> None:
         """Hash a finished node's outputs; record it, and cache it if it was computed.
 
-        ``known`` are hashes a cache hit already carries: a value that went through
-        pickling twice need not pickle to the same bytes, and keys must not drift.
+        ``known`` are hashes computed already: by the worker, where the bytes were made
+        (in parallel, off this event loop), or carried by a cache hit (a value pickled
+        twice need not pickle to the same bytes, and keys must not drift).
         """
-        if self.recorder is None and self.cache is None:
+        if self.ledger is None and self.cache is None:
             return
         hashes = {}
         packed = {}
@@ -115,14 +110,16 @@ class RunDurability:
             h = self.hashes[name] = known[i] if known else content_hash(value)
             hashes[name] = h
             packed[h] = value
-        if self.recorder is not None:
+        if self.ledger is not None:
             self._done.append((node.name, attempt, duration, hashes, packed))
         key = self.keys.pop(tid, None)
         if self.cache is not None and key is not None and not cached:
             self.cache.tell(Store(key, list(hashes.values()), list(packed.values())))
 
     def flush(self) -> None:
-        """One message to the recorder per scheduler event, however many nodes finished."""
-        if self._done and self.recorder is not None:
-            self.recorder.tell(Completed(self._done))
-            self._done = []
+        """Journal what finished in this scheduler event: one local append, however many
+        nodes; the recorder hears of it only when a snapshot is due."""
+        if self._done and self.ledger is not None:
+            done, self._done = self._done, []
+            if self.ledger.record(done) and self.recorder is not None:
+                self.recorder.tell(SyncDue())

@@ -27,6 +27,7 @@ import hashlib
 import inspect
 import os
 import pickle
+import re
 import struct
 import threading
 import types
@@ -81,6 +82,15 @@ def content_hash(p: Packed) -> str:
         h.update(_LEN.pack(view.nbytes))
         h.update(view)
     return h.hexdigest()
+
+
+_CONTENT_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def is_content_hash(value: object) -> bool:
+    """Whether ``value`` looks like a :func:`content_hash`: such values become storage
+    keys, so anything else must never pass for one."""
+    return isinstance(value, str) and _CONTENT_HASH.fullmatch(value) is not None
 
 
 def _bytes_view(buf: Any) -> memoryview:
@@ -323,7 +333,7 @@ def _node_fp(node: DAGNode, fper: _Fingerprinter) -> str:
 
 def node_fingerprints(nodes: Mapping[str, DAGNode] | Iterable[DAGNode]) -> dict[str, str]:
     """:func:`node_fingerprint` of every node in one pass (each function is read once):
-    what :func:`cache_key` wants, and what :func:`dag_fingerprints` can reuse."""
+    what :func:`cache_key` wants."""
     items = nodes.values() if isinstance(nodes, Mapping) else nodes
     fper = _Fingerprinter()
     return {n.name: _node_fp(n, fper) for n in items}
@@ -332,17 +342,16 @@ def node_fingerprints(nodes: Mapping[str, DAGNode] | Iterable[DAGNode]) -> dict[
 def dag_fingerprints(
     nodes: Mapping[str, DAGNode] | Iterable[DAGNode],
     external: Mapping[str, str] | None = None,
-    own: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Lineage fingerprint of every node: its own fingerprint plus, per input in declared
-    order, the lineage fingerprint of the node producing it (a Merkle hash over the DAG).
+    """Lineage fingerprint of every node: what :func:`node_fingerprint` covers (function,
+    input and output names) plus, per input in declared order, the lineage fingerprint of
+    the node producing it (a Merkle hash over the DAG), in one digest per node.
 
     A node's lineage therefore changes exactly when it or any ancestor changes, so "what
     must run again" is a plain per-node comparison. ``external`` optionally maps inputs no
     node produces (initial data) to their content hashes, so changed initial data counts as
-    a change too; without it only their names count. ``own`` may pass the nodes'
-    :func:`node_fingerprints` to avoid computing them twice. Computed in topological order
-    with no recursion, so 100,000-node chains work. Raises :class:`CycleError` on a cycle.
+    a change too; without it only their names count. Computed in topological order with
+    no recursion, so 100,000-node chains work. Raises :class:`CycleError` on a cycle.
     """
     items = list(nodes.values()) if isinstance(nodes, Mapping) else list(nodes)
     by_name: dict[str, DAGNode] = {}
@@ -357,19 +366,35 @@ def dag_fingerprints(
                 raise DAGValidationError(
                     f"output {out!r} is produced by two nodes: {other!r} and {n.name!r}"
                 )
-    order = _topological(by_name, producer)
     ext = external or {}
     fper = _Fingerprinter()
     lineage: dict[str, str] = {}
-    for name in order:
-        node = by_name[name]
-        parts: list[str] = []
-        for inp in node.inputs:
-            src = producer.get(inp)
-            parts.append(inp)
-            parts.append("node:" + lineage[src] if src is not None else "ext:" + ext.get(inp, ""))
-        mine = own[name] if own is not None else _node_fp(node, fper)
-        lineage[name] = _digest("lineage", mine, str(len(parts)), *parts)
+
+    def walk(order: Iterable[DAGNode]) -> bool:
+        for node in order:
+            parts: list[str] = []
+            for inp in node.inputs:
+                src = producer.get(inp)
+                parts.append(inp)
+                if src is None:
+                    parts.append("ext:" + ext.get(inp, ""))
+                elif src in lineage:
+                    parts.append("node:" + lineage[src])
+                else:
+                    return False  # not in topological order
+            lineage[node.name] = _digest(
+                "lineage",
+                fper.function(node.fn),
+                str(len(parts)),
+                *parts,
+                str(len(node.outputs)),
+                *node.outputs,
+            )
+        return True
+
+    # a built DAG comes in topological order already: one pass, no sort
+    if not walk(items):
+        walk(by_name[name] for name in _topological(by_name, producer))
     return {n.name: lineage[n.name] for n in items}
 
 
@@ -399,12 +424,8 @@ def _topological(by_name: Mapping[str, DAGNode], producer: Mapping[str, str]) ->
 
 def combine_fingerprints(fingerprints: Mapping[str, str]) -> str:
     """One fingerprint for a whole DAG from its per-node ones (sorted by name)."""
-    h = hashlib.blake2b(digest_size=32, person=b"odibi-dag-v1")
-    for name in sorted(fingerprints):
-        for part in (name.encode("utf-8", "surrogatepass"), fingerprints[name].encode()):
-            h.update(_LEN.pack(len(part)))
-            h.update(part)
-    return h.hexdigest()
+    pairs = sorted(fingerprints.items())
+    return _digest("dag", str(len(pairs)), *(x for pair in pairs for x in pair))
 
 
 def dag_fingerprint(

@@ -74,11 +74,17 @@ class LocalWorkers:
 
     async def __aexit__(self, *exc: object) -> None:
         self._closing = True
+        # told to leave, workers go within the grace; on an error nobody told them
+        grace = 3.0 if exc[0] is None else 0.0
         with anyio.CancelScope(shield=True):
-            await self.stop(grace=3.0)
+            await self.stop(grace=grace)
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
         await self._tg.__aexit__(None, None, None)
+
+    def retire(self) -> None:
+        """The workers are being told to leave: from now on an exit is no crash."""
+        self._closing = True
 
     @property
     def pids(self) -> list[int]:

@@ -19,6 +19,7 @@ from ._checkpoint import (
     Checkpoint,
     CheckpointMismatch,
     IntegrityError,
+    ResultCorrupt,
     apply_records,
     check_compatible,
     decode_result,
@@ -38,7 +39,7 @@ from ._fingerprint import (
     node_fingerprints,
 )
 from ._kernel import ActorRef, ActorSystem
-from ._recorder import Flush, Recorder, restore_journal
+from ._recorder import Flush, Ledger, Recorder, restore_journal
 from ._wire import Packed, pack
 from .errors import OdibiError
 from .metrics import MetricsManager
@@ -92,6 +93,7 @@ class Persistence:
         )
         self.store: Storage | None = None
         self.cache_store: Storage | None = None
+        self.ledger: Ledger | None = None
         self.recorder: ActorRef[Any] | None = None
         self.cache: ActorRef[Any] | None = None
         self.restored: set[str] = set()
@@ -104,8 +106,8 @@ class Persistence:
         self.packed = packed
         initial = {k: v if isinstance(v, Packed) else pack(v) for k, v in data.items()}
         external = {k: content_hash(v) for k, v in initial.items()}
-        own = node_fingerprints(self.nodes)
-        lineage = dag_fingerprints(self.nodes, external, own=own)
+        own = node_fingerprints(self.nodes) if self.cache_url else {}  # for cache keys
+        lineage = dag_fingerprints(self.nodes, external)
         durable = RunDurability(own, uncached=self.uncached, hashes=dict(external))
         self.lineage = lineage
         self.checkpoint = Checkpoint(self.run_id, combine_fingerprints(lineage))
@@ -174,9 +176,14 @@ class Persistence:
                 users.setdefault(h, []).append(name)
         by_hash: dict[str, Packed] = {}
 
+        inline = {h: data for name in reusable for h, data in cp.nodes[name].inline.items()}
+
         async def fetch(h: str) -> None:
             async with sem:
                 try:
+                    if h in inline:
+                        by_hash[h] = _inline_result(inline[h], h)
+                        return
                     blob = journal_blobs.get(h) or await store.get(result_key(h))
                     by_hash[h] = decode_result(blob, self.secret, expected_hash=h)
                 except (StorageError, IntegrityError) as exc:
@@ -221,18 +228,17 @@ class Persistence:
         if self.store is not None:
             store, cp, path = self.store, self.checkpoint, self.journal_path
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.ledger = durable.ledger = Ledger(
+                path,
+                cp,
+                self.lineage,
+                secret=self.secret,
+                every=self.every,
+                pending=self.pending_uploads,
+            )
+            ledger = self.ledger
             self.recorder = durable.recorder = system.spawn(
-                lambda: Recorder(
-                    store,
-                    cp,
-                    self.lineage,
-                    path,
-                    secret=self.secret,
-                    every=self.every,
-                    interval=self.interval,
-                    keep=self.keep,
-                    pending=self.pending_uploads,
-                ),
+                lambda: Recorder(store, ledger, cp, interval=self.interval, keep=self.keep),
                 "recorder",
             )
         if self.cache_store is not None:
@@ -257,6 +263,8 @@ class Persistence:
             self.synced = await self.recorder.ask(Flush(timeout), timeout=timeout + 5)
 
     async def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
         for store in {id(s): s for s in (self.store, self.cache_store) if s}.values():
             try:
                 await store.close()
@@ -273,6 +281,15 @@ def _open(url: str) -> Storage:
         retry = LinearRetry(backoff=1, random_jitter_range=1, retry_total=1)
         return open_storage(url, retry_policy=retry, connection_timeout=5, read_timeout=60)
     return open_storage(url)
+
+
+def _inline_result(data: bytes, h: str) -> Packed:
+    """A result kept in its node's record; the checkpoint's checksum already covers it,
+    the content hash check catches a record pointing at the wrong bytes."""
+    p = Packed(data, [])
+    if content_hash(p) != h:
+        raise ResultCorrupt("inline result does not match its content hash")
+    return p
 
 
 def _unpack(value: Packed) -> Any:

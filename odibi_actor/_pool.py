@@ -27,6 +27,7 @@ import zmq.asyncio
 
 from . import _wire as wire
 from ._dag import DAGNode
+from ._fingerprint import is_content_hash
 from ._functions import FnSpec
 from ._kernel import Actor, ActorRef
 from ._messages import Abort, Credit, Dispatch, Outcomes, Returned, TaskSpec
@@ -74,6 +75,7 @@ class PoolRun:
     node_fid: list[int] = field(default_factory=list)
     fns: dict[int, FnSpec] = field(default_factory=dict)
     deadlines: dict[int, tuple[int, float]] = field(default_factory=dict)  # tid -> attempt, t
+    hash_outputs: bool = False  # workers send outputs' content hashes (durable runs)
 
     def __post_init__(self) -> None:
         # number functions by spec: one shared by many nodes crosses the wire once
@@ -136,6 +138,15 @@ def _seconds(value: Any) -> float:
     if not isinstance(value, int | float) or not 0 <= value < 1e9:  # also refuses NaN
         raise wire.MalformedMessage(f"bad duration {value!r:.40}")
     return float(value)
+
+
+def _hashes(value: Any, n: int) -> tuple[str, ...]:
+    """Content hashes a worker computed; they become storage keys, so check them."""
+    if not (isinstance(value, list | tuple) and len(value) == n) or not all(
+        is_content_hash(h) for h in value
+    ):
+        raise wire.MalformedMessage("result hashes are not one content hash per output")
+    return tuple(value)
 
 
 def _index(tid: Any, order: Sequence[Any]) -> int:
@@ -313,13 +324,20 @@ class WorkerPool(Actor):
         outcomes: list[Outcome] = []
         pos = 0
         total = 0.0
-        for tid, attempt, duration in header["ok"]:
+        for tid, attempt, duration, *hashes in header["ok"]:
             n = len(order[_index(tid, order)].outputs)
             if pos + n > len(values):
                 raise wire.MalformedMessage("result values do not match the nodes' outputs")
             duration = _seconds(duration)
             outcomes.append(
-                Outcome(tid, _int(attempt), duration, tuple(values[pos : pos + n]), worker=w.name)
+                Outcome(
+                    tid,
+                    _int(attempt),
+                    duration,
+                    tuple(values[pos : pos + n]),
+                    worker=w.name,
+                    hashes=_hashes(hashes[0], n) if hashes and run.hash_outputs else None,
+                )
             )
             pos += n
             total += duration
@@ -532,6 +550,8 @@ class WorkerPool(Actor):
             tasks.append((spec.tid, spec.attempt, len(spec.args)))
             values.extend(spec.args)
         header: dict[str, Any] = {"t": wire.TASKS, "run": rid, "tasks": tasks}
+        if run.hash_outputs:
+            header["hash"] = 1
         if fns:
             header["fns"] = fns
         if nodes:

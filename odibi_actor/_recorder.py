@@ -1,10 +1,18 @@
-"""The recorder actor: makes a run's progress durable without ever slowing the run.
+"""Recording a run's progress durably without ever slowing the run.
 
-Every completion goes to the local write-ahead journal at once (one local append, which a
-kill -9 of the coordinator cannot undo), together with any output not yet in storage.
-Snapshots and result uploads are batched, every ``every`` completions or ``interval``
-seconds and at the end of the run, by a syncer task; while the store is down it backs off
-and retries, and the journal keeps everything meanwhile.
+Two parts, both on the run's event loop:
+
+- :class:`Ledger` takes every completion synchronously, from the scheduler's durability
+  hook, and appends it to the local write-ahead journal at once (one local ``write`` per
+  scheduler event, which a kill -9 of the coordinator cannot undo), together with any
+  output not yet in storage. Per node it is an append, not worth a message hop each.
+- :class:`Recorder`, an actor, syncs the ledger to storage: snapshots and result uploads,
+  batched every ``every`` completions or ``interval`` seconds and at the end of the run.
+  While the store is down it backs off and retries, and the journal keeps everything.
+
+A snapshot holds every node, so the batch grows with the run (a quarter of the nodes done
+so far, when that is more than ``every``): snapshots then cost O(1) per completion in all,
+not O(nodes). The journal covers whatever a snapshot does not yet hold.
 """
 
 from __future__ import annotations
@@ -15,28 +23,117 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.to_thread
+import msgpack
 import structlog
 
 from ._checkpoint import (
     DONE,
+    INLINE_MAX,
     Checkpoint,
     Journal,
-    NodeRecord,
-    completion_record,
     encode_checkpoint,
     encode_result,
+    node_fields,
+    nodes_record,
     parse_snapshot_key,
     prune,
     result_key,
     snapshot_key,
+    split_map,
 )
-from ._durable import Completed
 from ._kernel import Actor
+from ._wire import Packed
 from .storage import Storage, StorageError
 
 log = structlog.get_logger("odibi_actor.recorder")
 
 BLOB_RECORD = "blob"  # journal record of a result not yet uploaded
+
+# (node, attempt, duration, output -> content hash, content hash -> packed value)
+Completion = tuple[str, int, float, dict[str, str], dict[str, Packed]]
+
+
+class Ledger:
+    """What a run finished, journaled the moment the scheduler learns of it.
+
+    Each scheduler event's completions are msgpack-encoded once, as a map of node name to
+    record; the journal gets that map, and snapshots splice the maps' pairs together
+    (:func:`encode_checkpoint` with ``pairs``) rather than encode every node again.
+    """
+
+    def __init__(
+        self,
+        journal_path: str,
+        checkpoint: Checkpoint,
+        fingerprints: Mapping[str, str],
+        *,
+        secret: bytes | None = None,
+        every: int = 1000,
+        pending: dict[str, bytes] | None = None,
+    ) -> None:
+        self.journal_path = journal_path
+        self.fingerprints = fingerprints
+        self.secret = secret
+        self.every = every
+        self.journal = Journal.open(journal_path)
+        self._packer = msgpack.Packer()
+        # the checkpoint's nodes map as encoded pairs; a name recorded twice is a later pair
+        self.pairs: list[bytes] = []
+        self.count = 0  # pairs in self.pairs
+        if checkpoint.nodes:
+            self._add(self._packer.pack({n: node_fields(r) for n, r in checkpoint.nodes.items()}))
+        # content hash -> result blob not yet uploaded (a resume may hand some over)
+        self.pending: dict[str, bytes] = dict(pending or {})
+        self.uploaded: set[str] = set()
+        self.appended = 0  # journal records since it was last truncated
+        self.unsynced = 0  # completions since the last stored snapshot
+
+    def record(self, done: list[Completion]) -> bool:
+        """Journal these completions; returns whether a snapshot is due."""
+        records: list[dict[str, Any]] = []
+        nodes: dict[str, list[Any]] = {}
+        fingerprints = self.fingerprints
+        for name, attempt, duration, hashes, packed in done:
+            inline = None
+            for h, value in packed.items():
+                if not value.buffers and len(value.data) <= INLINE_MAX:
+                    if inline is None:
+                        inline = {}
+                    inline[h] = value.data
+                elif h not in self.uploaded and h not in self.pending:
+                    blob = self.pending[h] = encode_result(value, self.secret)
+                    records.append({"t": BLOB_RECORD, "h": h, "b": blob})
+            rec = [DONE, attempt, duration, hashes, fingerprints.get(name, "")]
+            if inline:
+                rec.append(inline)
+            nodes[name] = rec
+        encoded = self._packer.pack(nodes)
+        records.append(nodes_record(encoded))
+        self.journal.append_many(records)
+        self._add(encoded)
+        self.appended += len(records)
+        self.unsynced += len(done)
+        return self.due()
+
+    def _add(self, encoded_map: bytes) -> None:
+        n, pairs = split_map(encoded_map)
+        self.pairs.append(pairs)
+        self.count += n
+
+    def due(self) -> bool:
+        return self.unsynced >= max(self.every, self.count // 4)
+
+    def clean(self) -> bool:
+        return not self.unsynced and not self.pending
+
+    def close(self) -> None:
+        self.journal.close()
+
+
+@dataclass(slots=True)
+class SyncDue:
+    """Tell: a batch is full; sync now rather than at the next interval."""
 
 
 @dataclass(slots=True)
@@ -50,28 +147,16 @@ class Recorder(Actor):
     def __init__(
         self,
         store: Storage,
+        ledger: Ledger,
         checkpoint: Checkpoint,
-        fingerprints: Mapping[str, str],
-        journal_path: str,
         *,
-        secret: bytes | None = None,
-        every: int = 1000,
         interval: float = 5.0,
         keep: int = 3,
-        uploaded: set[str] | None = None,
-        pending: dict[str, bytes] | None = None,
     ) -> None:
         self.store = store
+        self.ledger = ledger
         self.cp = checkpoint
-        self.fingerprints = fingerprints
-        self.journal_path = journal_path
-        self.secret = secret
-        self.every, self.interval, self.keep = every, interval, keep
-        # content hash -> result blob not yet uploaded (a resume may hand some over)
-        self.pending: dict[str, bytes] = dict(pending or {})
-        self.uploaded: set[str] = uploaded if uploaded is not None else set()
-        self.appended = 0  # journal records since it was last truncated
-        self.unsynced = 0  # completions since the last stored snapshot
+        self.interval, self.keep = interval, keep
         self.bytes_written = 0
         self._wake = anyio.Event()
         self._synced = anyio.Event()
@@ -79,38 +164,18 @@ class Recorder(Actor):
         self._flushing = False
 
     async def on_start(self) -> None:
-        self.journal = Journal.open(self.journal_path)
         self.start_task(self._syncer, name="recorder-sync")
 
-    async def on_stop(self) -> None:
-        self.journal.close()
-
     async def on_message(self, message: Any) -> Any:
-        if isinstance(message, Completed):
-            self._record(message)
+        if isinstance(message, SyncDue):
+            self._wake.set()
         elif isinstance(message, Flush):
             return await self._flush(message.timeout)
         return None
 
-    def _record(self, message: Completed) -> None:
-        journal = self.journal
-        for name, attempt, duration, hashes, packed in message.items:
-            rec = NodeRecord(DONE, attempt, duration, hashes, self.fingerprints.get(name, ""))
-            self.cp.nodes[name] = rec
-            for h, value in packed.items():
-                if h not in self.uploaded and h not in self.pending:
-                    blob = self.pending[h] = encode_result(value, self.secret)
-                    journal.append({"t": BLOB_RECORD, "h": h, "b": blob})
-                    self.appended += 1
-            journal.append(completion_record(name, rec))
-            self.appended += 1
-        self.unsynced += len(message.items)
-        if self.unsynced >= self.every:
-            self._wake.set()
-
     async def _flush(self, timeout: float) -> bool:
         """Final sync; on a dead store the journal keeps it and a resume will upload it."""
-        if not self.unsynced and not self.pending:
+        if self.ledger.clean():
             return True
         self._synced = anyio.Event()
         self._flushing = True
@@ -124,12 +189,12 @@ class Recorder(Actor):
                     await self._synced.wait()
         finally:
             self._flushing = False
-        done = not self.unsynced and not self.pending
+        done = self.ledger.clean()
         if not done:
             log.warning(
                 "checkpoint not synced to storage in time; the local journal keeps"
                 " it for the next resume",
-                journal=self.journal_path,
+                journal=self.ledger.journal_path,
             )
         return done
 
@@ -139,7 +204,7 @@ class Recorder(Actor):
             with anyio.move_on_after(self.interval):
                 await self._wake.wait()
             self._wake = anyio.Event()
-            if not self.unsynced and not self.pending:
+            if self.ledger.clean():
                 self._synced.set()
                 continue
             try:
@@ -159,12 +224,13 @@ class Recorder(Actor):
                 log.info("storage is back; checkpoints synced")
             self._store_down = False
             backoff = 0.5
-            if not self.unsynced and not self.pending:
+            if self.ledger.clean():
                 self._synced.set()
-            elif self._flushing or self.unsynced >= self.every:
+            elif self._flushing or self.ledger.due():
                 self._wake.set()  # the run is ending, or a batch is full: go again now
 
     async def _sync_once(self) -> None:
+        ledger = self.ledger
         # results first: a snapshot must never name a result the store does not have
         limit = anyio.Semaphore(64)  # uploads overlap: each one mostly waits on I/O
 
@@ -178,24 +244,30 @@ class Recorder(Actor):
             except StorageError as exc:
                 failed.append(exc)
                 return
-            self.uploaded.add(h)
-            self.pending.pop(h, None)
+            ledger.uploaded.add(h)
+            ledger.pending.pop(h, None)
 
         async with anyio.create_task_group() as tg:
-            for h, blob in list(self.pending.items()):
+            for h, blob in list(ledger.pending.items()):
                 tg.start_soon(upload, h, blob)
         if failed:
             raise failed[0]
-        appended, unsynced = self.appended, self.unsynced
-        self.cp.seq += 1
-        self.cp.created = time.time()
-        blob = encode_checkpoint(self.cp, self.secret)
-        await self.store.put(snapshot_key(self.cp.run_id, self.cp.seq), blob)
+        appended, unsynced = ledger.appended, ledger.unsynced
+        cp = self.cp
+        cp.seq += 1
+        cp.created = time.time()
+        head = Checkpoint(cp.run_id, cp.dag_fingerprint, {}, cp.created, cp.seq)
+        pairs, count = list(ledger.pairs), ledger.count
+        # joining and hashing megabytes of records must not stall the run's event loop
+        blob = await anyio.to_thread.run_sync(
+            lambda: encode_checkpoint(head, ledger.secret, pairs=(count, pairs))
+        )
+        await self.store.put(snapshot_key(cp.run_id, cp.seq), blob)
         self.bytes_written += len(blob)
-        self.unsynced -= unsynced
-        if self.appended == appended and not self.pending:
-            self.journal.truncate()  # nothing arrived while we uploaded: all of it is stored
-            self.appended = 0
+        ledger.unsynced -= unsynced
+        if ledger.appended == appended and not ledger.pending:
+            ledger.journal.truncate()  # nothing came while we uploaded: the store has all
+            ledger.appended = 0
         await self._prune()
 
     async def _prune(self) -> None:

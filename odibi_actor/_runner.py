@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._calling import call_step
+from ._fingerprint import content_hash
 from ._wire import Packed, pack, unpack
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -35,6 +36,7 @@ class Task:
     timeout: float | None = None
     packed: bool = False  # args arrive as Packed and outputs leave as Packed
     run: str = ""
+    hash_outputs: bool = False  # the run records outputs: hash them here, not centrally
 
 
 @dataclass(slots=True)
@@ -47,7 +49,7 @@ class Outcome:
     traceback: str = ""
     worker: str | None = field(default=None)
     run: str = ""
-    hashes: tuple[str, ...] | None = None  # content hashes, when known (cache hits)
+    hashes: tuple[str, ...] | None = None  # content hashes, when known
 
     @property
     def ok(self) -> bool:
@@ -60,11 +62,16 @@ def execute(task: Task) -> Outcome:
     try:
         args = [unpack(a) for a in task.args] if task.packed else task.args
         values = call_step(task.node, task.fn, args, task.outputs)
+        hashes = None
         if task.packed:
             values = tuple(
                 _pack_output(task, name, v) for name, v in zip(task.outputs, values, strict=True)
             )
-        return Outcome(task.tid, task.attempt, time.perf_counter() - t0, values, run=task.run)
+            if task.hash_outputs:  # where the bytes are, in parallel, off the coordinator
+                hashes = tuple(content_hash(v) for v in values)
+        return Outcome(
+            task.tid, task.attempt, time.perf_counter() - t0, values, run=task.run, hashes=hashes
+        )
     except BaseException as exc:  # a step's SystemExit must not kill the thread either
         return Outcome(
             task.tid,

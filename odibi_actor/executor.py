@@ -6,13 +6,14 @@ Both drive the same scheduler actor; only the dispatcher behind it differs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -165,17 +166,13 @@ class DAGExecutor:
             if self.backend == "processes":
                 for key, value in list(data.items()):
                     data[key] = _pack_initial(key, value)
-            persist = await self._open_persistence(data, resume)
-            try:
-                if self.backend == "threads":
-                    self.metrics.workers = self.workers * self.nthreads
+            if self.backend == "threads":
+                self.metrics.workers = self.workers * self.nthreads
+                async with self._persistence(data, resume) as persist:
                     await self._run_threads(data, result, persist)
-                else:
-                    self.metrics.workers = self.workers
-                    await self._run_processes(data, result, persist)
-            finally:
-                if persist is not None:
-                    await persist[0].close()
+            else:
+                self.metrics.workers = self.workers
+                await self._run_processes(data, result, resume)
         finally:
             self.metrics.execution_time = time.perf_counter() - t0
         if result.error is not None:
@@ -188,6 +185,17 @@ class DAGExecutor:
         return out
 
     # --- durable state -------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _persistence(
+        self, data: dict[str, Any], resume: bool
+    ) -> AsyncIterator[tuple[Persistence, RunDurability] | None]:
+        persist = await self._open_persistence(data, resume)
+        try:
+            yield persist
+        finally:
+            if persist is not None:
+                await persist[0].close()
+
     async def _open_persistence(
         self, data: dict[str, Any], resume: bool
     ) -> tuple[Persistence, RunDurability] | None:
@@ -299,12 +307,7 @@ class DAGExecutor:
             await self._finish(persist)
             system.shutdown()
 
-    async def _run_processes(
-        self,
-        data: dict[str, Any],
-        result: RunResult,
-        persist: tuple[Persistence, RunDurability] | None,
-    ) -> None:
+    async def _run_processes(self, data: dict[str, Any], result: RunResult, resume: bool) -> None:
         fn_specs = _function_specs(self.nodes)
         run_id = uuid.uuid4().hex[:12]
         path = os.path.join(tempfile.gettempdir(), f"odibi-{os.getpid()}-{run_id}.sock")
@@ -313,7 +316,13 @@ class DAGExecutor:
         refs: dict[str, Any] = {}
         local = LocalWorkers(self.workers, address, self.nthreads, on_exit=self._on_exit(refs))
         try:
-            async with ActorSystem() as system:
+            # workers boot (imports: the slow part) while durable state loads and
+            # fingerprints; they connect once the pool binds
+            async with (
+                local,
+                self._persistence(data, resume) as persist,
+                ActorSystem() as system,
+            ):
                 refs["pool"] = pool = system.spawn(
                     lambda: WorkerPool(address, ctx, on_evict=local.kill), "pool"
                 )
@@ -323,12 +332,15 @@ class DAGExecutor:
                 )
                 if persist is not None:
                     persist[0].spawn(system, lambda: scheduler, persist[1], self.metrics)
-                pool.tell(AddRun(PoolRun(run_id, scheduler, list(self.nodes.values()), fn_specs)))
-                async with local:
-                    self.worker_pids = local.pids
-                    await result.finished.wait()
-                    await pool.ask(SayGoodbye(), timeout=5)
-                await self._finish(persist)
+                order = list(self.nodes.values())
+                durable = persist is not None
+                pool.tell(AddRun(PoolRun(run_id, scheduler, order, fn_specs, hash_outputs=durable)))
+                self.worker_pids = local.pids
+                await result.finished.wait()
+                local.retire()
+                await pool.ask(SayGoodbye(), timeout=5)
+                await self._finish(persist)  # while the workers leave
+                await local.stop(grace=3.0)  # the pool still says bye to late joiners
                 system.shutdown()
         finally:
             ctx.destroy(linger=0)
@@ -338,7 +350,8 @@ class DAGExecutor:
     @staticmethod
     def _on_exit(refs: dict[str, Any]) -> Callable[[str, int, bool], None]:
         def exited(name: str, code: int, more: bool) -> None:
-            refs["pool"].tell(WorkerExited(name, code, more))
+            if "pool" in refs:  # a worker that died before the pool started was never in it
+                refs["pool"].tell(WorkerExited(name, code, more))
 
         return exited
 

@@ -283,7 +283,7 @@ class Worker:
                 if o.error is None:
                     inband += size
             if o.error is None:
-                ok.append((o.tid, o.attempt, o.duration))
+                ok.append((o.tid, o.attempt, o.duration, *((o.hashes,) if o.hashes else ())))
                 values.extend(o.values or ())
             else:
                 err.append((o.tid, o.attempt, o.duration, o.error, o.traceback))
@@ -384,6 +384,7 @@ class Worker:
                     info.timeout,
                     packed=True,
                     run=run,
+                    hash_outputs=bool(header.get("hash")),
                 )
             )
         assert self.runner is not None

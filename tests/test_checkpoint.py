@@ -475,10 +475,8 @@ def test_wiring_and_initial_data_are_part_of_the_lineage():
     with_x = dag_fingerprints(base, {"x": H1, "y": H2})
     other_x = dag_fingerprints(base, {"x": H2, "y": H2})
     assert {n for n in fps if with_x[n] != other_x[n]} == {"a", "b", "c", "d", "e", "f"}
-    # precomputed own fingerprints give the same lineage
-    own = node_fingerprints(base)
-    assert own["a"] == node_fingerprint(a)
-    assert dag_fingerprints(base, {"x": H1, "y": H2}, own=own) == with_x
+    # node_fingerprints is node_fingerprint for every node
+    assert node_fingerprints(base) == {name: node_fingerprint(n) for name, n in base.items()}
     # unbuilt nodes (dependencies not wired) get the same fingerprints
     raw = [DAGNode(n.name, n.fn, n.inputs, n.outputs) for n in base.values()]
     assert dag_fingerprints(list(reversed(raw))) == fps
@@ -569,7 +567,7 @@ def test_format_version_and_fields_are_checked_after_the_checksum():
     cases: list[tuple[dict[str, Any], str]] = []
     for key, value, words in [
         ("format", "other-thing", "format name"),
-        ("version", 2, "unsupported checkpoint version 2"),
+        ("version", 3, "unsupported checkpoint version 3"),
         ("version", "1", "unsupported checkpoint version unreadable"),
         ("run_id", 5, "'run_id' has type int"),
         ("seq", True, "'seq' has type bool"),
@@ -587,6 +585,8 @@ def test_format_version_and_fields_are_checked_after_the_checksum():
         (["done", 1, 0.5, {"x": "../../etc/passwd"}, "fp"], "content hash"),
         (["done", 1, 0.5, {"x": H1}, 7], "fingerprint"),
         ([3, 1, 0.5, {"x": H1}, "fp"], "state"),
+        (["done", 1, 0.5, {"x": H1}, "fp", {H2: b"\x80"}], "inline"),
+        (["done", 1, 0.5, {"x": H1}, "fp", {H1: "not bytes"}], "inline"),
     ]:
         cases.append(({**good_body(), "nodes": {"a": rec}}, words))
     for body, words in cases:
