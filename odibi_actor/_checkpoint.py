@@ -158,15 +158,15 @@ def _map_header(n: int) -> bytes:
     return b"\xdf" + n.to_bytes(4, "big")
 
 
-def split_map(encoded: bytes) -> tuple[int, bytes]:
+def split_map(encoded: bytes) -> tuple[int, memoryview]:
     """A msgpack-encoded map as (entry count, its key/value pairs without the header)."""
-    first = encoded[0]
+    first, view = encoded[0], memoryview(encoded)
     if first & 0xF0 == 0x80:
-        return first & 0x0F, encoded[1:]
+        return first & 0x0F, view[1:]
     if first == 0xDE:
-        return int.from_bytes(encoded[1:3], "big"), encoded[3:]
+        return int.from_bytes(encoded[1:3], "big"), view[3:]
     if first == 0xDF:
-        return int.from_bytes(encoded[1:5], "big"), encoded[5:]
+        return int.from_bytes(encoded[1:5], "big"), view[5:]
     raise ValueError("not a msgpack map")
 
 
@@ -174,7 +174,7 @@ def encode_checkpoint(
     cp: Checkpoint,
     secret: bytes | None = None,
     *,
-    pairs: tuple[int, Iterable[bytes]] | None = None,
+    pairs: tuple[int, Iterable[bytes | memoryview]] | None = None,
 ) -> bytes:
     """``MAGIC + msgpack({"alg", "sum", "body"})``; ``body`` is the msgpack checkpoint and
     ``sum`` its blake2b checksum, or its HMAC-SHA256 under ``secret``.

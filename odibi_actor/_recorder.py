@@ -18,7 +18,7 @@ not O(nodes). The journal covers whatever a snapshot does not yet hold.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,9 +78,9 @@ class Ledger:
         self.every = every
         self.journal = Journal.open(journal_path)
         self._packer = msgpack.Packer()
-        # the checkpoint's nodes map as encoded pairs; a name recorded twice is a later pair
-        self.pairs: list[bytes] = []
-        self.count = 0  # pairs in self.pairs
+        # the checkpoint's nodes, as encoded maps; a name recorded twice is in a later one
+        self.maps: list[bytes] = []
+        self.count = 0  # entries in self.maps
         if checkpoint.nodes:
             self._add(self._packer.pack({n: node_fields(r) for n, r in checkpoint.nodes.items()}))
         # content hash -> result blob not yet uploaded (a resume may hand some over)
@@ -88,6 +88,7 @@ class Ledger:
         self.uploaded: set[str] = set()
         self.appended = 0  # journal records since it was last truncated
         self.unsynced = 0  # completions since the last stored snapshot
+        self._told = False  # record() reported the batch due, and no sync took it yet
 
     def record(self, done: list[Completion]) -> bool:
         """Journal these completions; returns whether a snapshot is due."""
@@ -111,15 +112,29 @@ class Ledger:
         encoded = self._packer.pack(nodes)
         records.append(nodes_record(encoded))
         self.journal.append_many(records)
-        self._add(encoded)
+        self.maps.append(encoded)
+        self.count += len(nodes)
         self.appended += len(records)
         self.unsynced += len(done)
-        return self.due()
+        if self._told or not self.due():
+            return False
+        self._told = True  # once per batch, however long the sync takes to start
+        return True
 
     def _add(self, encoded_map: bytes) -> None:
-        n, pairs = split_map(encoded_map)
-        self.pairs.append(pairs)
-        self.count += n
+        self.maps.append(encoded_map)
+        self.count += split_map(encoded_map)[0]
+
+    def snapshot(self, head: Checkpoint) -> Callable[[], bytes]:
+        """A function encoding a snapshot of what is recorded now, for another thread."""
+        maps, count, secret = list(self.maps), self.count, self.secret
+        self._told = False
+
+        def encode() -> bytes:
+            pairs = [split_map(m)[1] for m in maps]
+            return encode_checkpoint(head, secret, pairs=(count, pairs))
+
+        return encode
 
     def due(self) -> bool:
         return self.unsynced >= max(self.every, self.count // 4)
@@ -257,11 +272,8 @@ class Recorder(Actor):
         cp.seq += 1
         cp.created = time.time()
         head = Checkpoint(cp.run_id, cp.dag_fingerprint, {}, cp.created, cp.seq)
-        pairs, count = list(ledger.pairs), ledger.count
         # joining and hashing megabytes of records must not stall the run's event loop
-        blob = await anyio.to_thread.run_sync(
-            lambda: encode_checkpoint(head, ledger.secret, pairs=(count, pairs))
-        )
+        blob = await anyio.to_thread.run_sync(ledger.snapshot(head))
         await self.store.put(snapshot_key(cp.run_id, cp.seq), blob)
         self.bytes_written += len(blob)
         ledger.unsynced -= unsynced

@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import os
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -166,13 +167,14 @@ class DAGExecutor:
             if self.backend == "processes":
                 for key, value in list(data.items()):
                     data[key] = _pack_initial(key, value)
-            if self.backend == "threads":
-                self.metrics.workers = self.workers * self.nthreads
-                async with self._persistence(data, resume) as persist:
-                    await self._run_threads(data, result, persist)
-            else:
-                self.metrics.workers = self.workers
-                await self._run_processes(data, result, resume)
+            with _long_lived_objects_frozen():
+                if self.backend == "threads":
+                    self.metrics.workers = self.workers * self.nthreads
+                    async with self._persistence(data, resume) as persist:
+                        await self._run_threads(data, result, persist)
+                else:
+                    self.metrics.workers = self.workers
+                    await self._run_processes(data, result, resume)
         finally:
             self.metrics.execution_time = time.perf_counter() - t0
         if result.error is not None:
@@ -364,6 +366,18 @@ class DistributedExecutor(DAGExecutor):
     """Run a DAG on worker processes over ZeroMQ; ``workers`` defaults to the CPU count."""
 
     default_backend = "processes"
+
+
+@contextlib.contextmanager
+def _long_lived_objects_frozen() -> Iterator[None]:
+    """Keep the garbage collector off what lives as long as the run: the DAG and the
+    initial data. Otherwise every full collection during the run walks all of it again;
+    on a 100,000-node DAG that is a pause of a tenth of a second or more each time."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _function_specs(nodes: Mapping[str, DAGNode]) -> list[FnSpec]:
