@@ -370,26 +370,27 @@ def dag_fingerprints(
     fper = _Fingerprinter()
     lineage: dict[str, str] = {}
 
+    packer = msgpack.Packer(unicode_errors="surrogatepass")
+    base = hashlib.blake2b(digest_size=32, person=b"odibi-lineage-v2")
+    function = fper.function
+
     def walk(order: Iterable[DAGNode]) -> bool:
+        # per node, one msgpack array: function, then per input its name, whether a node
+        # makes it, and that node's lineage or the data's content hash, then the outputs
         for node in order:
-            parts: list[str] = []
+            fields: list[Any] = [function(node.fn), len(node.inputs)]
             for inp in node.inputs:
                 src = producer.get(inp)
-                parts.append(inp)
                 if src is None:
-                    parts.append("ext:" + ext.get(inp, ""))
+                    fields += (inp, False, ext.get(inp, ""))
                 elif src in lineage:
-                    parts.append("node:" + lineage[src])
+                    fields += (inp, True, lineage[src])
                 else:
                     return False  # not in topological order
-            lineage[node.name] = _digest(
-                "lineage",
-                fper.function(node.fn),
-                str(len(parts)),
-                *parts,
-                str(len(node.outputs)),
-                *node.outputs,
-            )
+            fields += node.outputs
+            h = base.copy()
+            h.update(packer.pack(fields))
+            lineage[node.name] = h.hexdigest()
         return True
 
     # a built DAG comes in topological order already: one pass, no sort

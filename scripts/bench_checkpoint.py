@@ -15,7 +15,7 @@ Then it resumes the last finished checkpointed run and times:
   every node and restoring every reusable output from the store;
 - resume: the whole ``run(resume=True)`` call, wall time (worker start-up included).
 
-    python scripts/bench_checkpoint.py [--layers 10] [--width 1000] [--workers 2] [--repeat 3]
+    python scripts/bench_checkpoint.py [--layers 10] [--width 1000] [--workers 2] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=10)
     p.add_argument("--width", type=int, default=1000)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
     bench = load_bench()
     nodes = bench.layered_dag(args.layers, args.width).build()
