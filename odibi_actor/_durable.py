@@ -92,12 +92,12 @@ class RunDurability:
         duration: float,
         values: tuple[Any, ...],
         cached: bool,
-        known: tuple[str, ...] | None = None,
+        known: tuple[str | None, ...] | None = None,
     ) -> None:
         """Hash a finished node's outputs; record it, and cache it if it was computed.
 
-        ``known`` are hashes computed already: by the worker, where the bytes were made
-        (in parallel, off this event loop), or carried by a cache hit (a value pickled
+        ``known`` are hashes computed already (None where not): by the worker, for big
+        outputs (in parallel, off this event loop), or carried by a cache hit (a value pickled
         twice need not pickle to the same bytes, and keys must not drift).
         """
         if self.ledger is None and self.cache is None:
@@ -107,13 +107,17 @@ class RunDurability:
         for i, (name, value) in enumerate(zip(node.outputs, values, strict=True)):
             if not isinstance(value, Packed):  # the threads backend keeps plain objects
                 value = pack(value)
-            h = self.hashes[name] = known[i] if known else content_hash(value)
+            h = (known[i] if known else None) or content_hash(value)
             hashes[name] = h
             packed[h] = value
+        if self.cache is None:
+            self._done.append((node.name, attempt, duration, hashes, packed))
+            return
+        self.hashes.update(hashes)  # dependents' cache keys are made of them
         if self.ledger is not None:
             self._done.append((node.name, attempt, duration, hashes, packed))
         key = self.keys.pop(tid, None)
-        if self.cache is not None and key is not None and not cached:
+        if key is not None and not cached:
             self.cache.tell(Store(key, list(hashes.values()), list(packed.values())))
 
     def flush(self) -> None:

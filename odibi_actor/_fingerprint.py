@@ -45,6 +45,8 @@ from .errors import CycleError, DAGValidationError
 log = structlog.get_logger("odibi_actor.fingerprint")
 
 _LEN = struct.Struct("<Q")
+_TWO_LENS = struct.Struct("<QQ")
+_PACKED_HASH = hashlib.blake2b(digest_size=32, person=b"odibi-packed-v1")  # copied per use
 _local = threading.local()  # a msgpack Packer is not thread-safe; one per thread is cheap
 # Differs in every process: a fingerprint built on it never matches a stored one.
 _PROCESS_MARKER = os.urandom(16).hex()
@@ -73,9 +75,9 @@ def content_hash(p: Packed) -> str:
     works). Equal hashes mean equal pickles: a value pickled in-band and the same value with
     out-of-band buffers hash differently, which only costs a duplicate stored copy.
     """
-    h = hashlib.blake2b(digest_size=32, person=b"odibi-packed-v1")
-    data = _bytes_view(p.data)
-    h.update(struct.pack("<QQ", data.nbytes, len(p.buffers)))
+    h = _PACKED_HASH.copy()
+    data = p.data if type(p.data) is bytes else _bytes_view(p.data)
+    h.update(_TWO_LENS.pack(len(data), len(p.buffers)))
     h.update(data)
     for buf in p.buffers:
         view = _bytes_view(buf)

@@ -73,7 +73,7 @@ class Persistence:
         uncached: frozenset[str],
         secret: bytes | None,
         journal_dir: str | None = None,
-        every: int = 1000,
+        every: int = 10_000,
         interval: float = 5.0,
         keep: int = 3,
     ) -> None:

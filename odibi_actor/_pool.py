@@ -140,12 +140,13 @@ def _seconds(value: Any) -> float:
     return float(value)
 
 
-def _hashes(value: Any, n: int) -> tuple[str, ...]:
-    """Content hashes a worker computed; they become storage keys, so check them."""
+def _hashes(value: Any, n: int) -> tuple[str | None, ...]:
+    """Content hashes a worker computed (None where it left it to us); they become
+    storage keys, so check them."""
     if not (isinstance(value, list | tuple) and len(value) == n) or not all(
-        is_content_hash(h) for h in value
+        h is None or is_content_hash(h) for h in value
     ):
-        raise wire.MalformedMessage("result hashes are not one content hash per output")
+        raise wire.MalformedMessage("result hashes are not a content hash or nil per output")
     return tuple(value)
 
 

@@ -7,12 +7,14 @@ Two parts, both on the run's event loop:
   scheduler event, which a kill -9 of the coordinator cannot undo), together with any
   output not yet in storage. Per node it is an append, not worth a message hop each.
 - :class:`Recorder`, an actor, syncs the ledger to storage: snapshots and result uploads,
-  batched every ``every`` completions or ``interval`` seconds and at the end of the run.
-  While the store is down it backs off and retries, and the journal keeps everything.
+  every ``interval`` seconds (5), or sooner once ``every`` completions (10,000) wait, and
+  at the end of the run. While the store is down it backs off and retries, and the
+  journal keeps everything.
 
-A snapshot holds every node, so the batch grows with the run (a quarter of the nodes done
-so far, when that is more than ``every``): snapshots then cost O(1) per completion in all,
-not O(nodes). The journal covers whatever a snapshot does not yet hold.
+The interval bounds what a lost machine costs; the count bounds the journal. A snapshot
+holds every node, so the count grows with the run (a quarter of the nodes done so far,
+when that is more than ``every``): snapshots then cost O(1) per completion in all, not
+O(nodes). The journal covers whatever a snapshot does not yet hold.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class Ledger:
         fingerprints: Mapping[str, str],
         *,
         secret: bytes | None = None,
-        every: int = 1000,
+        every: int = 10_000,
         pending: dict[str, bytes] | None = None,
     ) -> None:
         self.journal_path = journal_path

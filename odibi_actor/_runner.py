@@ -23,6 +23,10 @@ from ._fingerprint import content_hash
 from ._wire import Packed, pack, unpack
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# Outputs this big are hashed where they were pickled, in parallel and off the
+# coordinator's event loop (a 256 MB array takes a quarter second); smaller ones cost the
+# coordinator less to hash than the workers to hash and ship.
+HASH_HERE_FROM = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -36,7 +40,7 @@ class Task:
     timeout: float | None = None
     packed: bool = False  # args arrive as Packed and outputs leave as Packed
     run: str = ""
-    hash_outputs: bool = False  # the run records outputs: hash them here, not centrally
+    hash_outputs: bool = False  # the run records outputs: hash the big ones here
 
 
 @dataclass(slots=True)
@@ -49,7 +53,7 @@ class Outcome:
     traceback: str = ""
     worker: str | None = field(default=None)
     run: str = ""
-    hashes: tuple[str, ...] | None = None  # content hashes, when known
+    hashes: tuple[str | None, ...] | None = None  # content hashes, where known
 
     @property
     def ok(self) -> bool:
@@ -67,8 +71,10 @@ def execute(task: Task) -> Outcome:
             values = tuple(
                 _pack_output(task, name, v) for name, v in zip(task.outputs, values, strict=True)
             )
-            if task.hash_outputs:  # where the bytes are, in parallel, off the coordinator
-                hashes = tuple(content_hash(v) for v in values)
+            if task.hash_outputs and any(v.nbytes >= HASH_HERE_FROM for v in values):
+                hashes = tuple(
+                    content_hash(v) if v.nbytes >= HASH_HERE_FROM else None for v in values
+                )
         return Outcome(
             task.tid, task.attempt, time.perf_counter() - t0, values, run=task.run, hashes=hashes
         )
