@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-import structlog as _structlog
-
 if TYPE_CHECKING:
     from ._dag import DAGBuilder, DAGNode, build_dag, to_mermaid
     from ._kernel import Actor, ActorRef, ActorSystem, Policy
@@ -78,11 +76,6 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted([*globals(), *_HOME_OF])
 
-
-if not _structlog.is_configured():
-    from ._logging import configure_logging as _configure
-
-    _configure(level="warning")  # a library stays quiet unless asked
 
 __all__ = [
     "Actor",

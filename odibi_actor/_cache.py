@@ -18,18 +18,18 @@ from typing import Any
 
 import anyio
 import msgpack
-import structlog
 
 from ._checkpoint import IntegrityError, decode_result, encode_result, result_key
 from ._durable import CACHE_WORKER, CacheMiss, Lookup, Store
 from ._kernel import Actor, ActorRef
+from ._logging import get_logger
 from ._messages import Outcomes
 from ._runner import Outcome
 from ._wire import Packed, unpack
 from .metrics import MetricsManager
 from .storage import Storage, StorageError
 
-log = structlog.get_logger("odibi_actor.cache")
+log = get_logger("odibi_actor.cache")
 
 
 @dataclass(slots=True)

@@ -54,16 +54,16 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgpack
-import structlog
 
 from ._fingerprint import _bytes_view, content_hash, is_content_hash
+from ._logging import get_logger
 from ._state import State
 from ._wire import Packed
 from .errors import OdibiError
 
 _packb = msgpack.packb
 
-log = structlog.get_logger("odibi_actor.checkpoint")
+log = get_logger("odibi_actor.checkpoint")
 
 FORMAT = "odibi-checkpoint"
 VERSION = 2  # 2 added inline results; version 1 checkpoints are read as well

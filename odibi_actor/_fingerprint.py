@@ -36,13 +36,13 @@ from typing import Any
 
 import cloudpickle
 import msgpack
-import structlog
 
 from ._dag import DAGNode
+from ._logging import get_logger
 from ._wire import Packed
 from .errors import CycleError, DAGValidationError
 
-log = structlog.get_logger("odibi_actor.fingerprint")
+log = get_logger("odibi_actor.fingerprint")
 
 _LEN = struct.Struct("<Q")
 _TWO_LENS = struct.Struct("<QQ")

@@ -20,20 +20,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import structlog
 import zmq
 import zmq.asyncio
 
 from . import _wire as wire
 from ._dag import DAGBuilder, DAGNode, check_inputs
 from ._kernel import Actor, ActorRef
+from ._logging import get_logger
 from ._messages import Abort
 from ._pool import AddRun, PoolRun, PoolStatus, RemoveRun
 from ._scheduler import Hooks, Progress, RunResult, Scheduler
 from .errors import NodeFailedError, OdibiError
 from .metrics import MetricsManager
 
-log = structlog.get_logger("odibi_actor.gateway")
+log = get_logger("odibi_actor.gateway")
 
 MAX_EVENTS = 100_000  # per run; older events are dropped, the cursor says so
 MAX_RESULT_WAIT = 30.0

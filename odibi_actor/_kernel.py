@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import anyio
-import structlog
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._logging import get_logger
 from .errors import ActorCrashed, OdibiError
 
-log = structlog.get_logger("odibi_actor.kernel")
+log = get_logger("odibi_actor.kernel")
 
 A = TypeVar("A", bound="Actor")
 

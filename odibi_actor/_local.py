@@ -14,12 +14,12 @@ import sys
 from collections.abc import Callable
 
 import anyio
-import structlog
 from anyio.abc import Process, TaskGroup
 
+from ._logging import get_logger
 from .errors import OdibiError
 
-log = structlog.get_logger("odibi_actor.local")
+log = get_logger("odibi_actor.local")
 
 INSIDE_WORKER = "ODIBI_INSIDE_WORKER"  # set in local workers' environment
 

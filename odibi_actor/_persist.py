@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import structlog
 
 from ._cache import Cache, Drain
 from ._checkpoint import (
@@ -39,13 +38,14 @@ from ._fingerprint import (
     node_fingerprints,
 )
 from ._kernel import ActorRef, ActorSystem
+from ._logging import get_logger
 from ._recorder import Flush, Ledger, Recorder, restore_journal
 from ._wire import Packed, pack
 from .errors import OdibiError
 from .metrics import MetricsManager
 from .storage import Storage, StorageError, open_storage
 
-log = structlog.get_logger("odibi_actor.persist")
+log = get_logger("odibi_actor.persist")
 
 DEFAULT_JOURNAL_DIR = os.path.join(
     os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"),

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import structlog
 import zmq
 import zmq.asyncio
 
@@ -30,11 +29,12 @@ from ._dag import DAGNode
 from ._fingerprint import is_content_hash
 from ._functions import FnSpec
 from ._kernel import Actor, ActorRef
+from ._logging import get_logger
 from ._messages import Abort, Credit, Dispatch, Outcomes, Returned, TaskSpec
 from ._runner import Outcome
 from .errors import WorkerLostError
 
-log = structlog.get_logger("odibi_actor.pool")
+log = get_logger("odibi_actor.pool")
 
 MIN_PREFETCH, MAX_PREFETCH = 2, 128
 TARGET_QUEUE_SECONDS = 0.02  # keep about this much work queued on each worker thread

@@ -27,7 +27,6 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import msgpack
-import structlog
 
 from ._checkpoint import (
     DONE,
@@ -45,10 +44,11 @@ from ._checkpoint import (
     split_map,
 )
 from ._kernel import Actor
+from ._logging import get_logger
 from ._wire import Packed
 from .storage import Storage, StorageError
 
-log = structlog.get_logger("odibi_actor.recorder")
+log = get_logger("odibi_actor.recorder")
 
 BLOB_RECORD = "blob"  # journal record of a result not yet uploaded
 

@@ -12,17 +12,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import structlog
 
 from ._dag import DAGNode
 from ._durable import CACHE_WORKER, CacheMiss, RunDurability
 from ._kernel import Actor, ActorRef
+from ._logging import get_logger
 from ._messages import Abort, Credit, Dispatch, Outcomes, RetryDue, Returned, TaskSpec
 from ._state import Failed, Retry, RunState
 from .errors import NodeFailedError
 from .metrics import MetricsManager
 
-log = structlog.get_logger("odibi_actor.scheduler")
+log = get_logger("odibi_actor.scheduler")
 
 
 @dataclass(frozen=True, slots=True)

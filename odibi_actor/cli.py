@@ -8,13 +8,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
-import structlog
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__
-from ._logging import configure_logging
+from ._logging import configure_logging, get_logger
 from ._scheduler import Progress as RunProgress
 from ._target import load_target
 from .errors import DAGValidationError, NodeFailedError, OdibiError
@@ -275,7 +274,7 @@ def _run(args: argparse.Namespace, console: Console, err: Console) -> int:
         cache_ttl=args.cache_ttl,
         secret=os.environ.get(args.secret_env) or None,
     )
-    structlog.get_logger("odibi_actor.cli").info(
+    get_logger("odibi_actor.cli").info(
         "run starting", target=args.target, nodes=len(pipeline.nodes), backend=args.backend
     )
     failure: NodeFailedError | None = None

@@ -15,18 +15,17 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
-import structlog
 import zmq
 import zmq.asyncio
 
 from ._gateway import ActiveRuns, Drain, Gateway
 from ._kernel import ActorSystem, _first_leaf
-from ._logging import configure_logging
+from ._logging import configure_logging, get_logger
 from ._pool import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, SayGoodbye, WorkerPool
 from ._security import SecurityError, is_loopback, server_socket_options, start_authenticator
 from .errors import OdibiError
 
-log = structlog.get_logger("odibi_actor.coordinator")
+log = get_logger("odibi_actor.coordinator")
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:5555"
 

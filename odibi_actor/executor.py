@@ -19,7 +19,6 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import structlog
 import zmq
 import zmq.asyncio
 
@@ -28,6 +27,7 @@ from ._durable import RunDurability
 from ._functions import FnSpec, describe
 from ._kernel import ActorSystem
 from ._local import LocalWorkers
+from ._logging import get_logger
 from ._persist import Persistence
 from ._pool import AddRun, PoolRun, SayGoodbye, WorkerExited, WorkerPool
 from ._scheduler import Hooks, Progress, RunResult, Scheduler
@@ -36,7 +36,7 @@ from ._wire import Packed, pack, unpack
 from .errors import DAGValidationError, OdibiError
 from .metrics import MetricsManager
 
-log = structlog.get_logger("odibi_actor.executor")
+log = get_logger("odibi_actor.executor")
 
 BACKENDS = ("threads", "processes")
 

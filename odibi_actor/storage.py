@@ -35,8 +35,8 @@ from urllib.parse import unquote, urlsplit
 
 import aiofiles
 import aiofiles.os
-import structlog
 
+from ._logging import get_logger
 from .errors import OdibiError
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ __all__ = [
     "open_storage",
 ]
 
-log = structlog.get_logger("odibi_actor.storage")
+log = get_logger("odibi_actor.storage")
 
 SUPPORTED = "file:///absolute/path (or a plain path), memory://name, az://container/prefix"
 # Temporary files of FileStorage start with this; keys may not, so a key never names one.

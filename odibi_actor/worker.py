@@ -23,16 +23,15 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import structlog
 import zmq
 import zmq.asyncio
 
 from . import _wire as wire
 from ._functions import load
-from ._logging import configure_logging
+from ._logging import configure_logging, get_logger
 from ._runner import Outcome, Task, TaskRunner
 
-log = structlog.get_logger("odibi_actor.worker")
+log = get_logger("odibi_actor.worker")
 
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_TIMEOUT = 6.0
