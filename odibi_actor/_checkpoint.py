@@ -384,29 +384,53 @@ def reusable_nodes(cp: Checkpoint, fingerprints: Mapping[str, str]) -> set[str]:
 
 
 # --- journal records -----------------------------------------------------------------------
-def completion_record(name: str, rec: NodeRecord) -> dict[str, Any]:
+def completion_record(name: str, rec: NodeRecord, secret: bytes | None = None) -> dict[str, Any]:
     """The journal entry for one node's new record (usually: it completed)."""
-    return nodes_record(_packb({name: node_fields(rec)}))
+    return nodes_record(_packb({name: node_fields(rec)}), secret)
 
 
-def nodes_record(encoded_map: bytes) -> dict[str, Any]:
-    """The journal entry for nodes' new records: a msgpack map of name -> record."""
-    return {"t": "nodes", "m": encoded_map}
+def nodes_record(encoded_map: bytes, secret: bytes | None = None) -> dict[str, Any]:
+    """The journal entry for nodes' new records: a msgpack map of name -> record, with an
+    HMAC under a cluster secret (records may carry inline results: pickles)."""
+    if secret is None:
+        return {"t": "nodes", "m": encoded_map}
+    return {"t": "nodes", "m": encoded_map, "mac": _journal_mac(encoded_map, secret)}
 
 
-def apply_records(cp: Checkpoint, records: Iterable[Mapping[str, Any]]) -> int:
+def _journal_mac(encoded_map: Any, secret: bytes) -> bytes:
+    mac = hmac.new(bytes(secret), b"odibi-journal-nodes", hashlib.sha256)
+    mac.update(encoded_map)
+    return mac.digest()
+
+
+def apply_records(
+    cp: Checkpoint, records: Iterable[Mapping[str, Any]], secret: bytes | None = None
+) -> int:
     """Replay journal entries onto the last snapshot, in order; returns how many applied.
 
     Entries are whole records, so applying one the snapshot already holds changes nothing:
-    a journal not yet truncated after a snapshot is harmless. Bad entries are skipped.
+    a journal not yet truncated after a snapshot is harmless. Bad entries are skipped, and
+    with a cluster secret so is every entry without a valid HMAC.
     """
     applied = skipped = 0
     for r in records:
         if not isinstance(r, Mapping):
             continue
         if r.get("t") == "node":  # one node per record, as written before "nodes"
+            if secret is not None:  # never signed, and may carry an inline pickle
+                skipped += 1
+                continue
             pairs: Iterable[tuple[Any, Any]] = [(r.get("node"), r.get("rec"))]
         elif r.get("t") == "nodes":
+            if secret is not None:
+                mac, m = r.get("mac"), r.get("m")
+                if not (
+                    isinstance(mac, bytes)
+                    and isinstance(m, bytes)
+                    and hmac.compare_digest(mac, _journal_mac(m, secret))
+                ):
+                    skipped += 1
+                    continue
             try:
                 pairs = msgpack.unpackb(r.get("m")).items()
             except Exception:

@@ -118,7 +118,9 @@ class RunDurability:
             self._done.append((node.name, attempt, duration, hashes, packed))
         key = self.keys.pop(tid, None)
         if key is not None and not cached:
-            self.cache.tell(Store(key, list(hashes.values()), list(packed.values())))
+            # per output, in order: equal outputs share a hash but each has its slot
+            hs = list(hashes.values())
+            self.cache.tell(Store(key, hs, [packed[h] for h in hs]))
 
     def flush(self) -> None:
         """Journal what finished in this scheduler event: one local append, however many

@@ -98,6 +98,7 @@ class Persistence:
         self.cache: ActorRef[Any] | None = None
         self.restored: set[str] = set()
         self.pending_uploads: dict[str, bytes] = {}  # result blobs only the journal holds
+        self.journal_only = 0  # node records a resume found in the journal
         self.resume_seconds = 0.0
         self.synced = True
 
@@ -154,7 +155,8 @@ class Persistence:
         seqs = [p[1] for p in map(parse_snapshot_key, keys) if p is not None]
         self.checkpoint.seq = max([cp.seq, *seqs])
         records = replay(self.journal_path) if os.path.exists(self.journal_path) else []
-        apply_records(cp, records)
+        # what only the journal knew must reach the store, even if nothing runs again
+        self.journal_only = apply_records(cp, records, self.secret)
         journal_blobs = restore_journal(records)
         if not cp.nodes:
             log.warning("nothing to resume for this run id; running everything", run_id=self.run_id)
@@ -235,6 +237,7 @@ class Persistence:
                 secret=self.secret,
                 every=self.every,
                 pending=self.pending_uploads,
+                unsynced=self.journal_only,
             )
             ledger = self.ledger
             self.recorder = durable.recorder = system.spawn(

@@ -73,6 +73,7 @@ class Ledger:
         secret: bytes | None = None,
         every: int = 10_000,
         pending: dict[str, bytes] | None = None,
+        unsynced: int = 0,
     ) -> None:
         self.journal_path = journal_path
         self.fingerprints = fingerprints
@@ -89,7 +90,7 @@ class Ledger:
         self.pending: dict[str, bytes] = dict(pending or {})
         self.uploaded: set[str] = set()
         self.appended = 0  # journal records since it was last truncated
-        self.unsynced = 0  # completions since the last stored snapshot
+        self.unsynced = unsynced  # completions since the last stored snapshot
         self._told = False  # record() reported the batch due, and no sync took it yet
 
     def record(self, done: list[Completion]) -> bool:
@@ -112,7 +113,7 @@ class Ledger:
                 rec.append(inline)
             nodes[name] = rec
         encoded = self._packer.pack(nodes)
-        records.append(nodes_record(encoded))
+        records.append(nodes_record(encoded, self.secret))
         self.journal.append_many(records)
         self.maps.append(encoded)
         self.count += len(nodes)
@@ -264,18 +265,21 @@ class Recorder(Actor):
             ledger.uploaded.add(h)
             ledger.pending.pop(h, None)
 
-        async with anyio.create_task_group() as tg:
-            for h, blob in list(ledger.pending.items()):
-                tg.start_soon(upload, h, blob)
-        if failed:
-            raise failed[0]
+        # the snapshot holds what is recorded now, and the uploads are of what it names:
+        # nodes finishing during the uploads wait for the next snapshot
         appended, unsynced = ledger.appended, ledger.unsynced
         cp = self.cp
         cp.seq += 1
         cp.created = time.time()
         head = Checkpoint(cp.run_id, cp.dag_fingerprint, {}, cp.created, cp.seq)
+        encode = ledger.snapshot(head)
+        async with anyio.create_task_group() as tg:
+            for h, blob in list(ledger.pending.items()):
+                tg.start_soon(upload, h, blob)
+        if failed:
+            raise failed[0]
         # joining and hashing megabytes of records must not stall the run's event loop
-        blob = await anyio.to_thread.run_sync(ledger.snapshot(head))
+        blob = await anyio.to_thread.run_sync(encode)
         await self.store.put(snapshot_key(cp.run_id, cp.seq), blob)
         self.bytes_written += len(blob)
         ledger.unsynced -= unsynced

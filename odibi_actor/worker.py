@@ -89,6 +89,7 @@ class Worker:
         self._runs: dict[str, dict[int, _NodeInfo]] = {}
         self._last_recv = self._last_send = 0.0
         self._welcomed = False
+        self._ever_welcomed = False
         self.sessions = 0
         self._max_frame: int | None = None  # the coordinator's frame size limit
         self.runner: TaskRunner | None = None
@@ -119,7 +120,9 @@ class Worker:
                             "is the coordinator running at this address, and with CurveZMQ,"
                             " is this worker's public key authorised and --server-key right?"
                         )
-                    log.warning(
+                    # a local worker's parent may still be opening its durable state
+                    quiet = self.exit_with_coordinator and not self._ever_welcomed
+                    (log.info if quiet else log.warning)(
                         "coordinator not answering; reconnecting",
                         reason=reason,
                         address=self.address,
@@ -311,7 +314,7 @@ class Worker:
         elif kind == wire.HEARTBEAT:
             pass
         elif kind == wire.WELCOME:
-            self._welcomed = True
+            self._welcomed = self._ever_welcomed = True
             limit = header.get("max_frame", -1)
             self._max_frame = limit if type(limit) is int and limit > 0 else None
             self._keep_runs({str(r) for r in header.get("runs", [])})
