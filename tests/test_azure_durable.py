@@ -4,8 +4,6 @@ hits, an outage in the middle of a run, and two processes sharing one cache."""
 from __future__ import annotations
 
 import functools
-import pickle
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,13 +19,12 @@ from test_durable import (
     base_env,
     cache_dag,
     check_cache_intact,
-    check_resume_after_kill,
     kill_half_way,
     lines,
     pipeline_names,
     racer_reference,
     recorded_done,
-    reference_outputs,
+    resume_and_check,
     run_cached,
     run_racers,
     write_pipeline,
@@ -70,14 +67,7 @@ def test_az_kill9_mid_run_then_resume_skips_every_finished_node(tmp_path, az, mo
 
     before = kill_half_way([*cmd, "record", str(tmp_path / "o1")], env, marker, tmp_path / "log")
     done_before = recorded_done(url, "az-run", journal)
-    proc = subprocess.run(
-        [*cmd, "resume", str(tmp_path / "o2")], env=env, capture_output=True, text=True, timeout=90
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    result = pickle.loads((tmp_path / "o2").read_bytes())
-    check_resume_after_kill(before, lines(marker)[len(before) :], done_before, result["restored"])
-    assert result["out"] == reference_outputs(script, tmp_path, monkeypatch)
+    resume_and_check(cmd, env, tmp_path, monkeypatch, before, done_before)
 
     cp, _ = anyio.run(newest_checkpoint, url, "az-run")
     assert cp is not None, "the finished run left no checkpoint in Azure"

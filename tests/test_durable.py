@@ -233,6 +233,27 @@ def check_resume_after_kill(
     assert restored == len(done_before)
 
 
+def resume_and_check(
+    cmd: list[str],
+    env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    before: list[str],
+    done_before: set[str],
+) -> None:
+    """Resume the killed run of write_pipeline's script: it must exit cleanly, run just
+    what was not recorded, and produce the uninterrupted run's outputs."""
+    script, marker = Path(cmd[1]), Path(env["ODIBI_TEST_MARKER"])
+    proc = subprocess.run(
+        [*cmd, "resume", str(tmp_path / "o2")], env=env, capture_output=True, text=True, timeout=90
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    result = pickle.loads((tmp_path / "o2").read_bytes())
+    check_resume_after_kill(before, lines(marker)[len(before) :], done_before, result["restored"])
+    assert result["out"] == reference_outputs(script, tmp_path, monkeypatch)
+
+
 # --- kill -9 of the coordinator, then resume -------------------------------------------------
 @pytest.mark.timeout(90)
 def test_kill9_mid_run_then_resume_skips_every_finished_node(tmp_path, monkeypatch):

@@ -27,11 +27,10 @@ from conftest import PYTHON, alive
 from test_durable import (
     PIPELINE,
     base_env,
-    check_resume_after_kill,
     kill_half_way,
     lines,
     recorded_done,
-    reference_outputs,
+    resume_and_check,
     write_pipeline,
 )
 
@@ -489,14 +488,7 @@ def test_kill9_between_frequent_snapshots_then_resume(tmp_path, monkeypatch):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
     done_before = recorded_done(url, "often", journal)
-    proc = subprocess.run(
-        [*cmd, "resume", str(tmp_path / "o2")], env=env, capture_output=True, text=True, timeout=90
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    result = pickle.loads((tmp_path / "o2").read_bytes())
-    check_resume_after_kill(before, lines(marker)[len(before) :], done_before, result["restored"])
-    assert result["out"] == reference_outputs(script, tmp_path, monkeypatch)
+    resume_and_check(cmd, env, tmp_path, monkeypatch, before, done_before)
 
 
 # --- BUG: local workers spawned before a slow durable open warn about CurveZMQ ---------------
