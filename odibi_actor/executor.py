@@ -22,7 +22,7 @@ import anyio.to_thread
 import zmq
 import zmq.asyncio
 
-from ._dag import DAGBuilder, DAGNode, build_dag, check_inputs
+from ._dag import BuiltDAG, DAGBuilder, DAGNode, build_dag, check_inputs
 from ._durable import RunDurability
 from ._functions import FnSpec, describe
 from ._kernel import ActorSystem
@@ -78,6 +78,8 @@ class DAGExecutor:
     ) -> None:
         if isinstance(nodes, DAGBuilder):
             self.nodes = nodes.build()
+        elif isinstance(nodes, BuiltDAG):
+            self.nodes = nodes
         elif isinstance(nodes, Mapping):
             self.nodes = build_dag(nodes.values())
         else:
