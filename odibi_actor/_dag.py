@@ -113,7 +113,8 @@ class BuiltDAG(dict[str, DAGNode]):
     """What :func:`build_dag` returns: validated, wired, in topological order, read-only.
 
     Executors take it as it is; any other mapping of nodes they build again, which for a
-    100,000-node DAG costs seconds and a second copy of every node.
+    100,000-node DAG costs seconds and a second copy of every node. Its nodes are not to
+    be edited either: change the builder and build again.
     """
 
     def _read_only(self, *args: Any, **kwargs: Any) -> Any:
