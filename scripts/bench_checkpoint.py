@@ -43,6 +43,8 @@ HERE = Path(__file__).resolve().parent
 
 def load_bench() -> Any:
     """scripts/bench.py, imported as ``bench`` so workers can import its step functions."""
+    if "bench" in sys.modules:
+        return sys.modules["bench"]
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
     spec = importlib.util.spec_from_file_location("bench", HERE / "bench.py")

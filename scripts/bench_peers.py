@@ -58,8 +58,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-
 WORKLOADS = ("throughput", "latency", "large", "scale", "pipeline")
 PEERS = ("odibi", "dask", "ray", "pool")
 QUICK = frozenset({"throughput", "latency", "pipeline"})  # default --repeat 3, others 1
@@ -331,21 +329,9 @@ def leftovers(before: Mapping[int, tuple[float, str]], timeout: float = 15.0) ->
 # --- the DAGs -----------------------------------------------------------------------------
 
 
-def load_bench() -> Any:
-    """scripts/bench.py, imported as ``bench`` (its step functions stay importable)."""
-    if "bench" in sys.modules:
-        return sys.modules["bench"]
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    spec = importlib.util.spec_from_file_location("bench", HERE / "bench.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def layered_nodes(layers: int) -> dict[str, Any]:
+    from bench_checkpoint import load_bench  # a sibling script: scripts/ is sys.path[0]
+
     return load_bench().layered_dag(layers, LAYER_WIDTH).build()
 
 
@@ -701,18 +687,10 @@ def wl_throughput(bench: Bench) -> None:
         with bench.session(peer, w, "throughput") as (ok, handle):
             if not ok:
                 continue
-            if peer == "odibi":
-                row = bench.add(Row("throughput", peer, "odibi", n))
-                bench.attempt(row, lambda: odibi_run(nodes, w), check)
-                bench.add_odibi_rows(row)
-            elif peer == "dask":
-                row = bench.add(Row("throughput", peer, "dask", n, incl="c"))
-                bench.attempt(row, lambda h=handle: dask_run(h, nodes, bench.tag()), check)
-            elif peer == "ray":
-                row = bench.add(Row("throughput", peer, "ray", n, incl="c"))
-                bench.attempt(row, lambda: ray_run(nodes), check)
-            elif peer == "pool":
+            if peer == "pool":
                 pool_throughput(bench, handle, n)
+            else:
+                dag_peer(bench, "throughput", peer, handle, nodes, check)
     for row in bench.rows:
         if row.workload == "throughput" and row.wall:
             row.figure, row.unit = row.size / row.wall, "tasks/s"
@@ -868,7 +846,7 @@ def wl_scale(bench: Bench) -> None:
                 extra = ray_processes if peer == "ray" else None
                 sampler = RssSampler(extra) if sampled else contextlib.nullcontext()
                 with sampler:
-                    row = scale_peer(bench, peer, handle, nodes, check)
+                    row = dag_peer(bench, "scale", peer, handle, nodes, check)
                 if isinstance(sampler, RssSampler):
                     row.rss = sampler.summary()
     for row in bench.rows:
@@ -876,19 +854,25 @@ def wl_scale(bench: Bench) -> None:
             row.figure, row.unit = row.wall / row.size * 1e6, "us/node"
 
 
-def scale_peer(
-    bench: Bench, peer: str, handle: Any, nodes: Mapping[str, Any], check: Callable
+def dag_peer(
+    bench: Bench,
+    workload: str,
+    peer: str,
+    handle: Any,
+    nodes: Mapping[str, Any],
+    check: Callable,
 ) -> Row:
+    """One timed row of a layered-DAG workload on odibi, Dask or Ray."""
     w, n = bench.args.workers, len(nodes)
     if peer == "odibi":
-        row = bench.add(Row("scale", peer, "odibi", n))
+        row = bench.add(Row(workload, peer, "odibi", n))
         bench.attempt(row, lambda: odibi_run(nodes, w), check)
         bench.add_odibi_rows(row)
     elif peer == "dask":
-        row = bench.add(Row("scale", peer, "dask", n, incl="c"))
+        row = bench.add(Row(workload, peer, "dask", n, incl="c"))
         bench.attempt(row, lambda: dask_run(handle, nodes, bench.tag()), check)
     else:
-        row = bench.add(Row("scale", peer, "ray", n, incl="c"))
+        row = bench.add(Row(workload, peer, "ray", n, incl="c"))
         bench.attempt(row, lambda: ray_run(nodes), check)
     return row
 

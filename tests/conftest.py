@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,17 @@ import psutil
 import pytest
 
 PYTHON = sys.executable
+
+
+def load_module(path: Path, name: str) -> types.ModuleType:
+    """Import the file at ``path`` as module ``name`` (a step module a test wrote)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 WORKER_MARK = "odibi_actor.worker"
 
 

@@ -18,15 +18,13 @@ from conftest import PYTHON, BackgroundRun, wait_for
 from test_durable import (
     base_env,
     cache_dag,
-    check_cache_intact,
+    check_racers_share_one_cache,
     kill_half_way,
     lines,
     pipeline_names,
-    racer_reference,
     recorded_done,
     resume_and_check,
     run_cached,
-    run_racers,
     write_pipeline,
 )
 
@@ -97,19 +95,7 @@ def test_az_second_run_is_all_cache_hits(tmp_path, az):
 
 @pytest.mark.timeout(150)
 def test_az_two_processes_running_the_same_dag_share_one_cache(tmp_path, az):
-    cache = f"{az}/cache"
-    env = base_env(tmp_path)
-    reports = run_racers(tmp_path, cache, env, 2, "race")
-    reference = racer_reference(tmp_path)
-    for r in reports:
-        assert r["out"] == reference
-        assert r["hits"] + r["misses"] == 12
-    # whether the two runs overlapped depends on scheduling; the put_if_absent race itself
-    # is forced deterministically in tests/test_storage.py
-    check_cache_intact(cache, reference)
-    (third,) = run_racers(tmp_path, cache, env, 1, "third")
-    assert third["out"] == reference
-    assert (third["hits"], third["misses"]) == (12, 0)
+    check_racers_share_one_cache(tmp_path, f"{az}/cache")
 
 
 # --- an outage in the middle of a run -------------------------------------------------------

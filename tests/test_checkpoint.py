@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import pickle
@@ -13,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import types
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ import msgpack
 import numpy as np
 import pytest
 import structlog.testing
-from conftest import PYTHON
+from conftest import PYTHON, load_module
 
 from odibi_actor import DAGBuilder
 from odibi_actor._checkpoint import (
@@ -104,14 +102,6 @@ def flipped(blob: bytes, i: int) -> bytes:
     b = bytearray(blob)
     b[i] ^= 0xFF
     return bytes(b)
-
-
-def load_module(path: Path, name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def step(x: Any) -> Any:

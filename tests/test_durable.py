@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import pickle
@@ -28,7 +27,7 @@ import msgpack
 import numpy as np
 import pytest
 import structlog.testing
-from conftest import PYTHON, kill_tree, wait_for, wait_gone, worker_children
+from conftest import PYTHON, kill_tree, load_module, wait_for, wait_gone, worker_children
 
 import odibi_actor.executor as executor_module
 from odibi_actor import DAGBuilder, DAGExecutor, DistributedExecutor
@@ -114,14 +113,6 @@ NODES = 30
 
 def pipeline_names() -> set[str]:
     return {"src", "sink"} | {f"n{k}_{j}" for k in range(14) for j in range(2)}
-
-
-def load_module(path: Path, name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def write_pipeline(tmp_path: Path) -> Path:
@@ -1089,9 +1080,9 @@ def check_cache_intact(url: str, reference: dict[str, str]) -> None:
     assert entries == len(reference) and results == len(reference)
 
 
-@pytest.mark.timeout(120)
-def test_two_processes_running_the_same_dag_share_one_cache(tmp_path):
-    cache = (tmp_path / "cache").as_uri()
+def check_racers_share_one_cache(tmp_path: Path, cache: str) -> None:
+    """Two processes run the same cached DAG at once, then a third: every run is right,
+    the entries stay intact, and the third is all hits."""
     env = base_env(tmp_path)
     reports = run_racers(tmp_path, cache, env, 2, "race")
     reference = racer_reference(tmp_path)
@@ -1104,3 +1095,8 @@ def test_two_processes_running_the_same_dag_share_one_cache(tmp_path):
     (third,) = run_racers(tmp_path, cache, env, 1, "third")
     assert third["out"] == reference
     assert (third["hits"], third["misses"]) == (12, 0)
+
+
+@pytest.mark.timeout(120)
+def test_two_processes_running_the_same_dag_share_one_cache(tmp_path):
+    check_racers_share_one_cache(tmp_path, (tmp_path / "cache").as_uri())
