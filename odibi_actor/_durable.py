@@ -60,6 +60,11 @@ class RunDurability:
     keys: dict[int, str] = field(default_factory=dict)  # tid -> cache key of its attempt
     _done: list[Completion] = field(default_factory=list)
 
+    @property
+    def unflushed(self) -> bool:
+        """Completions taken but not journaled yet: :meth:`flush` is due."""
+        return bool(self._done)
+
     def hash_inputs(self, data: Mapping[str, Any]) -> None:
         for name, value in data.items():
             if name not in self.hashes:
@@ -102,30 +107,27 @@ class RunDurability:
         """
         if self.ledger is None and self.cache is None:
             return
-        hashes = {}
-        packed = {}
-        for i, (name, value) in enumerate(zip(node.outputs, values, strict=True)):
-            if not isinstance(value, Packed):  # the threads backend keeps plain objects
-                value = pack(value)
-            h = (known[i] if known else None) or content_hash(value)
-            hashes[name] = h
-            packed[h] = value
-        if self.cache is None:
-            self._done.append((node.name, attempt, duration, hashes, packed))
+        if self.cache is None:  # nothing needs the hashes before the ledger hashes them
+            self._done.append((node.name, attempt, duration, node.outputs, values, known))
             return
-        self.hashes.update(hashes)  # dependents' cache keys are made of them
+        packed = [v if type(v) is Packed else pack(v) for v in values]  # pickled once
+        hashes = [(known[i] if known else None) or content_hash(p) for i, p in enumerate(packed)]
+        self.hashes.update(zip(node.outputs, hashes, strict=True))  # dependents' cache keys
         if self.ledger is not None:
-            self._done.append((node.name, attempt, duration, hashes, packed))
+            self._done.append((node.name, attempt, duration, node.outputs, packed, hashes))
         key = self.keys.pop(tid, None)
         if key is not None and not cached:
             # per output, in order: equal outputs share a hash but each has its slot
-            hs = list(hashes.values())
-            self.cache.tell(Store(key, hs, [packed[h] for h in hs]))
+            self.cache.tell(Store(key, hashes, packed))
 
     def flush(self) -> None:
-        """Journal what finished in this scheduler event: one local append, however many
-        nodes; the recorder hears of it only when a snapshot is due."""
+        """Journal what finished since the last flush: one local append, however many
+        nodes; the recorder hears of it only when a snapshot is due.
+
+        The scheduler calls this once the work these completions made ready has gone out,
+        so hashing and journaling overlap with the workers running it."""
         if self._done and self.ledger is not None:
             done, self._done = self._done, []
             if self.ledger.record(done) and self.recorder is not None:
                 self.recorder.tell(SyncDue())
+

@@ -20,7 +20,7 @@ O(nodes). The journal covers whatever a snapshot does not yet hold.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,17 +43,19 @@ from ._checkpoint import (
     snapshot_key,
     split_map,
 )
+from ._fingerprint import content_hash, small_content_hash
 from ._kernel import Actor
 from ._logging import get_logger
-from ._wire import Packed
+from ._wire import Packed, pack
 from .storage import Storage, StorageError
 
 log = get_logger("odibi_actor.recorder")
 
 BLOB_RECORD = "blob"  # journal record of a result not yet uploaded
 
-# (node, attempt, duration, output -> content hash, content hash -> packed value)
-Completion = tuple[str, int, float, dict[str, str], dict[str, Packed]]
+# (node, attempt, duration, output names, their values (Packed, or plain objects from the
+# threads backend), their content hashes where already known, else None)
+Completion = tuple[str, int, float, Sequence[str], Sequence[Any], Sequence[str | None] | None]
 
 
 class Ledger:
@@ -94,20 +96,34 @@ class Ledger:
         self._told = False  # record() reported the batch due, and no sync took it yet
 
     def record(self, done: list[Completion]) -> bool:
-        """Journal these completions; returns whether a snapshot is due."""
+        """Journal these completions; returns whether a snapshot is due.
+
+        One pass per completion, straight to its stored record: outputs are hashed here
+        unless known, small ones ride inline, the others become result blobs (journaled
+        too, until uploaded)."""
         records: list[dict[str, Any]] = []
         nodes: dict[str, list[Any]] = {}
-        fingerprints = self.fingerprints
-        for name, attempt, duration, hashes, packed in done:
-            inline = None
-            for h, value in packed.items():
+        fingerprints, pending, uploaded = self.fingerprints, self.pending, self.uploaded
+        for name, attempt, duration, outputs, values, known in done:
+            hashes: dict[str, str] = {}
+            inline: dict[str, Any] | None = None
+            for i, output in enumerate(outputs):
+                value = values[i]
+                if type(value) is not Packed:
+                    value = pack(value)
+                h = known[i] if known else None
                 if not value.buffers and len(value.data) <= INLINE_MAX:
+                    data = value.data
+                    h = h or small_content_hash(data)
                     if inline is None:
                         inline = {}
-                    inline[h] = value.data
-                elif h not in self.uploaded and h not in self.pending:
-                    blob = self.pending[h] = encode_result(value, self.secret)
-                    records.append({"t": BLOB_RECORD, "h": h, "b": blob})
+                    inline[h] = data
+                else:
+                    h = h or content_hash(value)
+                    if h not in uploaded and h not in pending:
+                        blob = pending[h] = encode_result(value, self.secret)
+                        records.append({"t": BLOB_RECORD, "h": h, "b": blob})
+                hashes[output] = h
             rec = [DONE, attempt, duration, hashes, fingerprints.get(name, "")]
             if inline:
                 rec.append(inline)

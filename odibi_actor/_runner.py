@@ -143,6 +143,11 @@ class TaskRunner:
                 self._watchdog.start()
             self._queue.put(task)
 
+    @property
+    def ready_count(self) -> int:
+        """Outcomes waiting to be taken."""
+        return len(self._outbox)
+
     def take_outcomes(self) -> list[Outcome]:
         """Everything finished so far. Clear the flag first, so no wake-up is lost."""
         self._signalled = False

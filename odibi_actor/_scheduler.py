@@ -44,6 +44,14 @@ class RunResult:
         self.error: BaseException | None = None
 
 
+@dataclass(slots=True)
+class JournalDue:
+    """Scheduler -> itself: journal the completions taken so far.
+
+    Sent to its own mailbox, so the dispatch those completions made possible reaches the
+    workers first and the hashing and journaling overlap with their work."""
+
+
 class Hooks:
     """The odibi_core ``tracker`` and ``events`` objects, and a progress callback.
 
@@ -117,6 +125,7 @@ class Scheduler(Actor):
         self.index = {name: i for i, name in enumerate(self.names)}
         self.credit = 0
         self._timer_armed_for: float | None = None
+        self._journal_told = False
         self.failed_workers: dict[str, str | None] = {}
 
     async def on_start(self) -> None:
@@ -144,7 +153,12 @@ class Scheduler(Actor):
             self.metrics.cache_misses += len(message.specs)
             self.credit -= len(message.specs)
             self.dispatcher.tell(Dispatch(self.run_id, message.specs))
+        elif isinstance(message, JournalDue):
+            self._journal_told = False
+            self.durable.flush()  # type: ignore[union-attr]  # only sent with durable state
+            return
         elif isinstance(message, Abort):
+            self._flush_durable()
             self.state.cancel()
             if self.result.error is None:
                 self.result.error = message.error
@@ -154,8 +168,9 @@ class Scheduler(Actor):
             log.warning("scheduler dropped unknown message", type=type(message).__name__)
             return
         self._dispatch()
-        if self.durable is not None:
-            self.durable.flush()
+        if self.durable is not None and self.durable.unflushed and not self._journal_told:
+            self._journal_told = True
+            self.ref.tell(JournalDue())
         self._arm_retry_timer()
         if self.hooks.progress is not None:
             self.hooks.call("progress", self.hooks.progress, self.snapshot())
@@ -245,6 +260,10 @@ class Scheduler(Actor):
             if isinstance(verdict, Failed):
                 self._on_failed(verdict, None)
 
+    def _flush_durable(self) -> None:
+        if self.durable is not None:
+            self.durable.flush()
+
     def _arm_retry_timer(self) -> None:
         at = self.state.next_retry_at()
         if at is None or (self._timer_armed_for is not None and self._timer_armed_for <= at):
@@ -267,5 +286,6 @@ class Scheduler(Actor):
             self.result.error = NodeFailedError(
                 f.node, f.attempts, f.error, f.traceback, self.failed_workers.get(f.node)
             )
+        self._flush_durable()  # everything taken is journaled before the verdict
         self.metrics.execution_time = time.perf_counter() - self._t0
         self.result.finished.set()

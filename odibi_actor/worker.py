@@ -52,6 +52,12 @@ class _NodeInfo:
         )
 
 
+# a busy worker (more tasks running or queued) that has fewer than COALESCE_BELOW finished
+# ones to report waits COALESCE_FOR seconds once, so they leave in one message, not several
+COALESCE_BELOW = 16
+COALESCE_FOR = 0.001
+
+
 class _SessionEnded(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
@@ -158,6 +164,10 @@ class Worker:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, f"{self.name}/{uuid.uuid4().hex[:8]}".encode())
         sock.setsockopt(zmq.LINGER, 0)
+        # a local worker often boots before its coordinator binds: retry the connect soon,
+        # not after ZeroMQ's default 100 ms, backing off to a second for a distant one
+        sock.setsockopt(zmq.RECONNECT_IVL, 5)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if self._configure_socket is not None:
             self._configure_socket(sock)
         sock.connect(self.address)
@@ -235,6 +245,10 @@ class Worker:
         assert runner is not None
         while True:
             await self._wake.wait()
+            if runner.in_flight > runner.ready_count and runner.ready_count < COALESCE_BELOW:
+                # more is running: let a few more finish and report them in one message
+                # (a ms of delay on a busy worker; an idle one reports at once)
+                await asyncio.sleep(COALESCE_FOR)
             self._wake.clear()
             if runner.started:
                 started: dict[str, list[Any]] = {}

@@ -271,8 +271,7 @@ class GatedStore(MemoryStorage):
 
 def completion(name: str, value: Any) -> tuple:
     p = pack(value)
-    h = content_hash(p)
-    return (name, 1, 0.01, {"d_" + name: h}, {h: p})
+    return (name, 1, 0.01, ["d_" + name], [p], [content_hash(p)])
 
 
 @pytest.mark.timeout(30)
