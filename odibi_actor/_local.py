@@ -1,21 +1,28 @@
 """Local worker subprocesses: spawned for a run, watched, and always reaped.
 
-Each worker also arranges to die with this process (PR_SET_PDEATHSIG plus a parent-pid
-check), so even a kill -9 of the coordinator leaves no orphan behind.
+On Linux the workers are forked from a zygote (:mod:`._zygote`) that imported the worker
+once, so N workers boot for the price of one interpreter; elsewhere, or if the zygote
+cannot start, each is its own interpreter. Either way each worker arranges to die with its
+parent (PR_SET_PDEATHSIG plus a parent-pid check), and the zygote with this process, so
+even a kill -9 of the coordinator leaves no orphan behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import anyio
 from anyio.abc import Process, TaskGroup
 
+from . import _zygote
 from ._logging import get_logger
 from .errors import OdibiError
 
@@ -43,6 +50,139 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+class _Proc(Protocol):
+    """What LocalWorkers needs of a worker process: a spawned one or a forked one."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class _Forked:
+    """A worker the zygote forked: signalled directly, its exit reported by the zygote."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._ended = anyio.Event()
+
+    def ended(self, code: int) -> None:
+        self.returncode = code
+        self._ended.set()
+
+    async def wait(self) -> int:
+        await self._ended.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:  # not reaped yet, so the pid is still this worker's
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class _Zygote:
+    """The parent's side of :mod:`._zygote`: ask for workers, hear of their exits."""
+
+    def __init__(self, proc: Process, replies: int) -> None:
+        self.proc, self._replies = proc, replies
+        self._waiting: deque[tuple[anyio.Event, list[_Forked]]] = deque()
+        self._workers: dict[int, _Forked] = {}
+        self.alive = True
+
+    @classmethod
+    async def start(cls, env: dict[str, str]) -> _Zygote:
+        r, w = os.pipe()
+        try:
+            proc = await anyio.open_process(
+                [sys.executable, "-m", "odibi_actor._zygote", str(w), str(os.getpid())],
+                stdin=subprocess.PIPE,
+                stdout=None,
+                stderr=None,
+                env=env,
+                pass_fds=(w,),
+            )
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        os.set_blocking(r, False)
+        return cls(proc, r)
+
+    async def fork(self, argv: list[str]) -> _Forked:
+        if not self.alive or self.proc.stdin is None:
+            raise OSError("the zygote is gone")
+        got: list[_Forked] = []
+        ready = anyio.Event()
+        self._waiting.append((ready, got))
+        await self.proc.stdin.send(json.dumps({"argv": argv}).encode() + b"\n")
+        await ready.wait()
+        if not got:
+            raise OSError("the zygote exited before forking the worker")
+        return got[0]
+
+    async def listen(self) -> None:
+        """Read replies until the zygote is gone; then every worker counts as ended (they
+        die with it) and nobody waits for a fork that will never come."""
+        buffered = b""
+        try:
+            while True:
+                await anyio.wait_readable(self._replies)
+                try:
+                    chunk = os.read(self._replies, 65536)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    return
+                buffered += chunk
+                *lines, buffered = buffered.split(b"\n")
+                for line in lines:
+                    self._on_reply(json.loads(line))
+        except (OSError, ValueError, KeyError, IndexError) as exc:  # a broken zygote
+            log.warning("lost the zygote; spawning workers one by one", error=repr(exc))
+        finally:
+            self.alive = False
+            while self._waiting:
+                self._waiting.popleft()[0].set()
+            for forked in self._workers.values():
+                if forked.returncode is None:
+                    forked.ended(-signal.SIGKILL)
+
+    def _on_reply(self, reply: dict[str, int]) -> None:
+        if "pid" in reply:
+            ready, got = self._waiting.popleft()
+            forked = self._workers[reply["pid"]] = _Forked(reply["pid"])
+            got.append(forked)
+            ready.set()
+        elif "exit" in reply:
+            forked = self._workers.pop(reply["exit"], None)  # type: ignore[assignment]
+            if forked is not None:
+                forked.ended(reply["code"])
+
+    async def close(self) -> None:
+        """Closing its stdin tells it to go; it kills any worker still there first."""
+        with contextlib.suppress(Exception):
+            if self.proc.stdin is not None:
+                await self.proc.stdin.aclose()
+        with anyio.move_on_after(5.0):
+            await self.proc.wait()
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+        os.close(self._replies)
+
+
 class LocalWorkers:
     """``async with LocalWorkers(...)`` keeps ``n`` workers alive, and none after."""
 
@@ -59,7 +199,8 @@ class LocalWorkers:
         self.on_exit = on_exit
         self.log_level = log_level
         self.respawns_left = 2 * n if max_respawns is None else max_respawns
-        self.procs: dict[str, Process] = {}
+        self.procs: dict[str, _Proc] = {}
+        self._zygote: _Zygote | None = None
         self._tg: TaskGroup | None = None
         self._closing = False
         self._seq = 0
@@ -68,6 +209,13 @@ class LocalWorkers:
         check_not_inside_worker()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
+        if _zygote.supported():
+            try:
+                self._zygote = await _Zygote.start(_child_env())
+            except OSError as exc:
+                log.info("cannot start the zygote; spawning workers one by one", error=str(exc))
+            else:
+                self._tg.start_soon(self._zygote.listen)
         for _ in range(self.n):
             await self._spawn()
         return self
@@ -78,6 +226,8 @@ class LocalWorkers:
         grace = 3.0 if exc[0] is None else 0.0
         with anyio.CancelScope(shield=True):
             await self.stop(grace=grace)
+            if self._zygote is not None:
+                await self._zygote.close()
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
         await self._tg.__aexit__(None, None, None)
@@ -95,30 +245,38 @@ class LocalWorkers:
             return
         name = f"local-{self._seq}"
         self._seq += 1
-        cmd = [
-            sys.executable,
-            "-m",
-            "odibi_actor.worker",
+        args = [
             self.address,
             "--nthreads",
             str(self.nthreads),
             "--name",
             name,
-            "--parent-pid",
-            str(os.getpid()),
             "--log-level",
             self.log_level,
         ]
-        proc = await anyio.open_process(
-            cmd, stdin=subprocess.DEVNULL, stdout=None, stderr=None, env=_child_env()
-        )
+        proc: _Proc | None = None
+        zygote = self._zygote
+        if zygote is not None and zygote.alive:
+            try:
+                proc = await zygote.fork([*args, "--parent-pid", str(zygote.proc.pid)])
+            except OSError as exc:
+                log.warning("zygote gone; spawning workers one by one", error=str(exc))
+        if proc is None:
+            cmd = [sys.executable, "-m", "odibi_actor.worker", *args]
+            proc = await anyio.open_process(
+                [*cmd, "--parent-pid", str(os.getpid())],
+                stdin=subprocess.DEVNULL,
+                stdout=None,
+                stderr=None,
+                env=_child_env(),
+            )
         self.procs[name] = proc
         if self._closing:  # stop() began while we were starting it: it sees it in procs
             proc.kill()
         assert self._tg is not None
         self._tg.start_soon(self._watch, name, proc)
 
-    async def _watch(self, name: str, proc: Process) -> None:
+    async def _watch(self, name: str, proc: _Proc) -> None:
         code = await proc.wait()
         self.procs.pop(name, None)
         if self._closing:

@@ -198,7 +198,7 @@ def reap_leftover_workers(timeout: float = 5.0) -> list[str]:
     local = []
     for p in worker_children(os.getpid()):
         with contextlib.suppress(psutil.Error):
-            if "--parent-pid" in p.cmdline():
+            if "--parent-pid" in " ".join(p.cmdline()).split():
                 local.append(p.pid)
     left = wait_gone(local, timeout)
     details = []

@@ -128,6 +128,15 @@ def test_no_worker_survives_a_killed_coordinator(tmp_path):
         kill_tree(coordinator)
 
 
+def tracked_run(n: int, log_dir: Path) -> tuple[DistributedExecutor, BackgroundRun]:
+    """n independent tracked steps on 2 local workers, running in the background."""
+    b = DAGBuilder()
+    for i in range(n):
+        b.add_node(f"step{i}", tracked_step, inputs=[f"i{i}", "log_dir"], outputs=[f"sq{i}"])
+    ex = DistributedExecutor(b.build(), workers=2)
+    return ex, BackgroundRun(ex, {"log_dir": str(log_dir), **{f"i{i}": i for i in range(n)}})
+
+
 def tracked_step(i, log_dir):
     """Records its pid when it starts and counts how often it ran to the end."""
     Path(log_dir, f"start-{i}-{os.getpid()}").touch()
@@ -177,11 +186,7 @@ def test_sigterm_of_a_worker_mid_run_loses_no_work(tmp_path):
 @pytest.mark.timeout(60)
 def test_sigkill_of_a_worker_mid_run_is_recovered(tmp_path):
     n = 6
-    b = DAGBuilder()
-    for i in range(n):
-        b.add_node(f"step{i}", tracked_step, inputs=[f"i{i}", "log_dir"], outputs=[f"sq{i}"])
-    ex = DistributedExecutor(b.build(), workers=2)
-    run = BackgroundRun(ex, {"log_dir": str(tmp_path), **{f"i{i}": i for i in range(n)}})
+    ex, run = tracked_run(n, tmp_path)
 
     def a_step_running():
         pids = set(ex.worker_pids)
@@ -239,3 +244,51 @@ def test_a_task_handed_back_by_a_stopping_worker_keeps_its_retries(tmp_path):
     assert run.error is None, repr(run.error)
     assert run.result == {"a": "held", "b": 2}
     assert not alive(victim)
+
+
+def whoami(x, log_dir):
+    """Where a step ran: its pid, its parent, and the command line ps shows for it."""
+    Path(log_dir, f"start-{x}-{os.getpid()}").touch()
+    time.sleep(0.3)
+    return os.getpid(), os.getppid(), " ".join(psutil.Process().cmdline())
+
+
+@pytest.mark.timeout(60)
+def test_local_workers_fork_from_one_zygote_and_look_like_workers(tmp_path):
+    b = DAGBuilder()
+    for i in range(4):
+        b.add_node(f"n{i}", whoami, inputs=[f"i{i}", "log_dir"], outputs=[f"o{i}"])
+    ex = DistributedExecutor(b.build(), workers=2)
+    out = ex.run({"log_dir": str(tmp_path), **{f"i{i}": i for i in range(4)}})
+    pids = {pid for pid, _, _ in out.values()}
+    parents = {ppid for _, ppid, _ in out.values()}
+    assert pids <= set(ex.worker_pids) and len(pids) == 2, out
+    assert len(parents) == 1 and os.getpid() not in parents, "not forked from one zygote"
+    for _, _, cmdline in out.values():
+        assert "odibi_actor.worker" in cmdline and "--parent-pid" in cmdline, cmdline
+    assert not alive(parents.pop()), "the zygote outlived the run"
+    _assert_no_workers_left(ex)
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_zygote_costs_its_workers_not_the_run(tmp_path):
+    """Its workers die with it; their tasks are lost and rerun on workers spawned one by
+    one, and nothing is left behind."""
+    n = 6
+    ex, run = tracked_run(n, tmp_path)
+    wait_for(lambda: list(tmp_path.glob("start-*")), 30, "a step running on a worker")
+    zygotes = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "odibi_actor._zygote" in " ".join(p.cmdline())
+    ]
+    assert len(zygotes) == 1, zygotes
+    forked = [p.pid for p in zygotes[0].children()]
+    zygotes[0].kill()
+    run.join(60)
+    assert run.error is None, repr(run.error)
+    assert run.result == {f"sq{i}": i * i for i in range(n)}
+    assert wait_gone(forked, 5) == [], "forked workers outlived their zygote"
+    finishers = {m.worker for m in ex.metrics.nodes.values()}
+    assert finishers - {"local-0", "local-1"}, f"no respawned worker finished a step: {finishers}"
+    assert wait_gone([p.pid for p in worker_children(os.getpid())], 5) == []
