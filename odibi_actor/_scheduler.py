@@ -15,9 +15,20 @@ import anyio
 
 from ._dag import DAGNode
 from ._durable import CACHE_WORKER, CacheMiss, RunDurability
+from ._holdings import Holdings
 from ._kernel import Actor, ActorRef
 from ._logging import get_logger
-from ._messages import Abort, Credit, Dispatch, Outcomes, RetryDue, Returned, TaskSpec
+from ._messages import (
+    Abort,
+    Credit,
+    DataLost,
+    Dispatch,
+    DropData,
+    Outcomes,
+    RetryDue,
+    Returned,
+    TaskSpec,
+)
 from ._state import Failed, Retry, RunState
 from .errors import NodeFailedError
 from .metrics import MetricsManager
@@ -100,6 +111,7 @@ class Scheduler(Actor):
         run_id: str = "",
         durable: RunDurability | None = None,
         restored: Iterable[str] = (),
+        requested: Iterable[str] | None = None,
     ) -> None:
         self.run_id = run_id
         self.durable = durable
@@ -118,6 +130,14 @@ class Scheduler(Actor):
         self.credit = 0
         self._timer_armed_for: float | None = None
         self.failed_workers: dict[str, str | None] = {}
+        # datasets kept on workers; with ``requested`` outputs, what may be freed early
+        self.holdings = Holdings(
+            nodes,
+            data,
+            self.state,
+            None if requested is None else frozenset(requested),
+            may_drop=durable is None,
+        )
 
     async def on_start(self) -> None:
         self._t0 = time.perf_counter()
@@ -137,6 +157,8 @@ class Scheduler(Actor):
             self.credit += message.n
         elif isinstance(message, Returned):
             self._on_returned(message)
+        elif isinstance(message, DataLost):
+            self._on_data_lost(message)
         elif isinstance(message, RetryDue):
             self._timer_armed_for = None
             self.state.release_retries(time.monotonic())
@@ -188,7 +210,7 @@ class Scheduler(Actor):
             self.dispatcher.tell(Dispatch(self.run_id, specs))
 
     def _on_outcomes(self, outcomes: list[Any]) -> None:
-        state, order, data, metrics = self.state, self.order, self.data, self.metrics
+        state, order, metrics = self.state, self.order, self.metrics
         now = time.monotonic()
         for o in outcomes:
             node = order[o.tid]
@@ -196,7 +218,10 @@ class Scheduler(Actor):
                 if state.complete(node.name, o.attempt) is None:
                     continue  # a late or duplicate result: the attempt is no longer current
                 for key, value in zip(node.outputs, o.values or (), strict=True):
-                    data[key] = value
+                    self.holdings.put(key, value)
+                freed = self.holdings.consumed(node)
+                if freed:
+                    self.dispatcher.tell(DropData(self.run_id, freed))
                 m = metrics.node(node.name)
                 m.status, m.duration, m.attempts, m.worker = "done", o.duration, o.attempt, o.worker
                 if self.durable is not None:
@@ -244,6 +269,31 @@ class Scheduler(Actor):
             verdict = self.state.lose(name, attempt, message.reason, self.allowed_failures)
             if isinstance(verdict, Failed):
                 self._on_failed(verdict, None)
+
+    def _on_data_lost(self, message: DataLost) -> None:
+        """Datasets kept on a worker are gone: run their producers again, then whatever
+        could not get them (counted like an attempt whose worker died)."""
+        gone = self.holdings.lost(message)
+        rerun = self.state.reopen(self.holdings.to_rerun(gone)) if gone else []
+        for tid, _ in message.attempts:
+            log.warning(
+                "node could not get its input; running the input's producer again",
+                node=self.names[tid],
+                datasets=message.names,
+                rerun=rerun,
+                reason=message.reason,
+            )
+        if rerun and not message.attempts:
+            log.warning(
+                "datasets lost with the worker that held them; running their producers again",
+                datasets=gone,
+                rerun=rerun,
+                reason=message.reason,
+            )
+        for name in rerun:
+            self.metrics.node(name).status = "lost"
+        if message.attempts:
+            self._on_returned(Returned(message.attempts, lost=True, reason=message.reason))
 
     def _arm_retry_timer(self) -> None:
         at = self.state.next_retry_at()
