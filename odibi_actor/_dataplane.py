@@ -39,6 +39,10 @@ KEEP_FROM = 1 << 20  # outputs whose pickle is at least this many bytes stay on 
 FETCH_TIMEOUT = 30.0  # seconds a holder has to answer a fetch, plus one per FETCH_RATE bytes
 FETCH_RATE = 100e6
 CONNECT_TIMEOUT = 5.0  # seconds to reach a holder's data socket at all
+HEARTBEAT_MS = 1000  # ZMTP heartbeats on a fetch: a holder that stops answering is dropped
+HEARTBEAT_TIMEOUT_MS = 5000
+# connected means the holder's zmq answered the handshake: a stopped process never does
+_CONNECTED = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
 MAX_NAMES = 100_000  # datasets one fetch may ask for
 
 
@@ -216,9 +220,11 @@ async def fetch(
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     if configure is not None:
         configure(sock)
-    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    monitor = sock.get_monitor_socket(_CONNECTED | zmq.EVENT_DISCONNECTED)
     reply: asyncio.Future[Any] | None = None
     watch: asyncio.Future[str] | None = None
     try:
@@ -264,7 +270,7 @@ async def _watch_connection(monitor: zmq.asyncio.Socket, connect_timeout: float)
         except TimeoutError:
             return f"could not connect to the holder within {connect_timeout:g}s"
         event = parse_monitor_message(msg)["event"]
-        if event == zmq.EVENT_CONNECTED:
+        if event == _CONNECTED:
             connected = True
         elif event == zmq.EVENT_DISCONNECTED:
             return "the holder closed the connection"

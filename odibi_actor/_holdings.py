@@ -31,6 +31,7 @@ class Holdings:
         # free what no consumer needs any more: only when not everything is asked for
         self.may_drop = requested is not None and may_drop
         self.by_owner: dict[bytes, set[str]] = {}
+        self.kept = self.kept_bytes = 0  # outputs kept on workers, as they arrived
         self._left: dict[str, int] = {}  # dataset -> consumers still to finish with it
         self._producer: dict[str, str] | None = None
         self._consumers: dict[str, list[str]] | None = None
@@ -56,6 +57,8 @@ class Holdings:
         data[name] = value
         if type(value) is Ref:
             self.by_owner.setdefault(value.owner, set()).add(name)
+            self.kept += 1
+            self.kept_bytes += value.nbytes
         if self.may_drop and name not in self.requested:  # type: ignore[operator]
             status = self.state.status
             consumers = self._index()[1].get(name, ())
@@ -66,7 +69,7 @@ class Holdings:
         for. Returns the ones kept on workers, whose holders must be told."""
         if not self.may_drop:
             return []
-        freed = []
+        freed: list[Ref] = []
         for name in node.inputs:
             left = self._left.get(name)
             if left is None:
@@ -74,12 +77,18 @@ class Holdings:
             if left > 1:
                 self._left[name] = left - 1
                 continue
-            del self._left[name]
-            value = self.data.pop(name, None)
-            if type(value) is Ref:
-                self.by_owner.get(value.owner, set()).discard(name)
-                freed.append(value)
+            self._free(name, freed)
+        for name in node.outputs:
+            if self._left.get(name) == 0:  # no consumer: nothing will ever read it
+                self._free(name, freed)
         return freed
+
+    def _free(self, name: str, freed: list[Ref]) -> None:
+        del self._left[name]
+        value = self.data.pop(name, None)
+        if type(value) is Ref:
+            self.by_owner.get(value.owner, set()).discard(name)
+            freed.append(value)
 
     def lost(self, message: DataLost) -> list[str]:
         """Forget the kept datasets ``message`` says are gone; returns their names."""

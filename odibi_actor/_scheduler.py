@@ -318,4 +318,6 @@ class Scheduler(Actor):
                 f.node, f.attempts, f.error, f.traceback, self.failed_workers.get(f.node)
             )
         self.metrics.execution_time = time.perf_counter() - self._t0
+        self.metrics.kept_outputs = self.holdings.kept
+        self.metrics.kept_bytes = self.holdings.kept_bytes
         self.result.finished.set()
