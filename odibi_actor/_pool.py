@@ -433,7 +433,8 @@ class WorkerPool(Actor):
             if w.inflight.get((rid, tid)) == attempt:
                 del w.inflight[(rid, tid)]
                 run.inflight -= 1
-            run.deadlines.pop(tid, None)
+            if run.deadlines.get(tid, (None,))[0] == attempt:
+                del run.deadlines[tid]
             run.scheduler.tell(
                 DataLost(
                     endpoint=_endpoint(endpoint),
