@@ -48,27 +48,26 @@ class Holdings:
             self._producer, self._consumers = producer, consumers
         return self._producer, self._consumers
 
-    def put(self, name: str, value: Any) -> None:
-        """A node's output arrived (its bytes, or where a worker keeps them)."""
+    def done(self, node: DAGNode) -> list[Ref]:
+        """``node`` finished and its outputs are in ``data`` (bytes, or a Ref to where a
+        worker keeps them). Frees its inputs that no one needs any more and nobody asked
+        for, and its outputs if nothing reads them; returns the freed ones kept on
+        workers, whose holders must be told. One call per node, cheap when idle."""
         data = self.data
-        old = data.get(name)
-        if type(old) is Ref:
-            self.by_owner.get(old.owner, set()).discard(name)
-        data[name] = value
-        if type(value) is Ref:
-            self.by_owner.setdefault(value.owner, set()).add(name)
-            self.kept += 1
-            self.kept_bytes += value.nbytes
-        if self.may_drop and name not in self.requested:  # type: ignore[operator]
-            status = self.state.status
-            consumers = self._index()[1].get(name, ())
-            self._left[name] = sum(1 for c in consumers if status(c).state is not State.DONE)
-
-    def consumed(self, node: DAGNode) -> list[Ref]:
-        """``node`` finished: free its inputs that no one needs any more and nobody asked
-        for. Returns the ones kept on workers, whose holders must be told."""
+        for name in node.outputs:
+            value = data[name]
+            if type(value) is Ref:
+                self.by_owner.setdefault(value.owner, set()).add(name)
+                self.kept += 1
+                self.kept_bytes += value.nbytes
         if not self.may_drop:
             return []
+        status = self.state.status
+        consumers = self._index()[1]
+        for name in node.outputs:
+            if name not in self.requested:  # type: ignore[operator]
+                readers = consumers.get(name, ())
+                self._left[name] = sum(1 for c in readers if status(c).state is not State.DONE)
         freed: list[Ref] = []
         for name in node.inputs:
             left = self._left.get(name)

@@ -92,6 +92,7 @@ class PoolRun:
     deadlines: dict[int, tuple[int, float]] = field(default_factory=dict)  # tid -> attempt, t
     hash_outputs: bool = False  # workers send outputs' content hashes (durable runs)
     keep_from: int | None = None  # outputs this big stay on their worker; None: all inline
+    kept_any: bool = False  # a worker kept an output: tasks may have inputs on workers
     homed: dict[bytes, deque[TaskSpec]] = field(default_factory=dict)  # by holder of inputs
 
     def __post_init__(self) -> None:
@@ -391,6 +392,7 @@ class WorkerPool(Actor):
                 raise wire.MalformedMessage("result values do not match the nodes' outputs")
             got: tuple[Any, ...] = tuple(values[pos : pos + inline])
             if kept is not None:
+                run.kept_any = True
                 it = iter(got)
                 got = tuple(
                     next(it)
@@ -574,7 +576,7 @@ class WorkerPool(Actor):
         worker's room first (O(inputs) per task)."""
         homed, backlog = run.homed, run.backlog
         was_empty = not backlog
-        if run.keep_from is None:
+        if not run.kept_any:
             backlog.extend(tasks)
         else:
             for spec in tasks:
@@ -674,6 +676,7 @@ class WorkerPool(Actor):
         tasks: list[Any] = []
         values = []
         rid, known = run.run_id, w.known
+        kept_any = run.kept_any
         for spec in batch:
             if (rid, "n", spec.tid) not in known:
                 node = spec.node
@@ -683,7 +686,7 @@ class WorkerPool(Actor):
                     known.add((rid, "f", fid))
                 nodes[spec.tid] = (node.name, fid, node.outputs, node.timeout)
                 known.add((rid, "n", spec.tid))
-            refs = [
+            refs = kept_any and [
                 (i, a.name, a.endpoint, a.nbytes) for i, a in enumerate(spec.args) if type(a) is Ref
             ]
             if refs:  # inputs kept on workers travel as references, the others as bytes

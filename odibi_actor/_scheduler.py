@@ -210,7 +210,7 @@ class Scheduler(Actor):
             self.dispatcher.tell(Dispatch(self.run_id, specs))
 
     def _on_outcomes(self, outcomes: list[Any]) -> None:
-        state, order, metrics = self.state, self.order, self.metrics
+        state, order, data, metrics = self.state, self.order, self.data, self.metrics
         now = time.monotonic()
         for o in outcomes:
             node = order[o.tid]
@@ -218,8 +218,8 @@ class Scheduler(Actor):
                 if state.complete(node.name, o.attempt) is None:
                     continue  # a late or duplicate result: the attempt is no longer current
                 for key, value in zip(node.outputs, o.values or (), strict=True):
-                    self.holdings.put(key, value)
-                freed = self.holdings.consumed(node)
+                    data[key] = value
+                freed = self.holdings.done(node)
                 if freed:
                     self.dispatcher.tell(DropData(self.run_id, freed))
                 m = metrics.node(node.name)

@@ -340,8 +340,8 @@ class Sim:
         self.attempts.update(self.state.take(100))
         assert self.state.complete(name, self.attempts.pop(name)) is not None
         for out in self.nodes[name].outputs:
-            self.h.put(out, _ref(out, owner))
-        return [r.name for r in self.h.consumed(self.nodes[name])]
+            self.data[out] = _ref(out, owner)
+        return [r.name for r in self.h.done(self.nodes[name])]
 
 
 def _ref(name: str, owner: bytes = b"w1") -> Ref:
