@@ -20,8 +20,9 @@ import contextlib
 import os
 import socket
 import tempfile
+import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,48 +203,48 @@ def _advertised(endpoint: str) -> str:
 
 
 async def fetch(
-    ctx: zmq.asyncio.Context,
+    ctx: zmq.Context[Any],
     endpoint: str,
     run: str,
     names: list[str],
     *,
     timeout: float,
     connect_timeout: float = CONNECT_TIMEOUT,
-    configure: Callable[[zmq.Socket[Any]], None] | None = None,
 ) -> tuple[dict[str, Packed], list[str]]:
     """Ask the holder at ``endpoint`` for ``names`` in one request; returns what it sent
     and the names it does not hold. Buffers are the received frames' memory.
 
-    Raises :class:`FetchError` when the holder cannot be reached within
-    ``connect_timeout``, drops the connection, or sends nothing within ``timeout``.
+    Runs on a helper thread with a plain (blocking) socket, so the event loop goes on
+    meanwhile and no socket churn touches the loop's readers. Raises
+    :class:`FetchError` when the holder cannot be reached within ``connect_timeout``,
+    drops the connection, or sends nothing within ``timeout``.
     """
-    sock = ctx.socket(zmq.DEALER)
+    return await asyncio.to_thread(
+        fetch_blocking, ctx, endpoint, run, names, timeout, connect_timeout
+    )
+
+
+def fetch_blocking(
+    ctx: zmq.Context[Any],
+    endpoint: str,
+    run: str,
+    names: list[str],
+    timeout: float,
+    connect_timeout: float = CONNECT_TIMEOUT,
+) -> tuple[dict[str, Packed], list[str]]:
+    """:func:`fetch`, blocking the calling thread."""
+    sync = zmq.Context.shadow(ctx.underlying)
+    sock = sync.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-    if configure is not None:
-        configure(sock)
     monitor = sock.get_monitor_socket(_CONNECTED | zmq.EVENT_DISCONNECTED)
-    reply: asyncio.Future[Any] | None = None
-    watch: asyncio.Future[str] | None = None
     try:
         sock.connect(endpoint)
-        await sock.send_multipart(wire.encode({"t": wire.FETCH, "run": run, "names": names}))
-        reply = asyncio.ensure_future(sock.recv_multipart(copy=False))
-        watch = asyncio.ensure_future(_watch_connection(monitor, connect_timeout))
-        done, _ = await asyncio.wait(
-            {reply, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        if reply not in done:
-            if watch in done:
-                raise FetchError(watch.result())
-            raise FetchError(f"the holder did not answer within {timeout:g}s")
-        frames = reply.result()
+        sock.send_multipart(wire.encode({"t": wire.FETCH, "run": run, "names": names}))
+        frames = _await_reply(sock, monitor, timeout, connect_timeout)
     finally:
-        for fut in (reply, watch):
-            if fut is not None and not fut.done():
-                fut.cancel()
         with contextlib.suppress(zmq.ZMQError):
             sock.disable_monitor()
         monitor.close(linger=0)
@@ -258,26 +259,37 @@ async def fetch(
         raise FetchError(f"bad answer from the holder: {exc}") from None
 
 
-async def _watch_connection(monitor: zmq.asyncio.Socket, connect_timeout: float) -> str:
-    """Returns why the holder is gone: never connected, or the connection dropped."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + connect_timeout
+def _await_reply(
+    sock: zmq.Socket[Any], monitor: zmq.Socket[Any], timeout: float, connect_timeout: float
+) -> list[Any]:
+    """The reply's frames; a holder that never completes the handshake (dead, stopped),
+    drops the connection, or stays silent past ``timeout`` raises :class:`FetchError`."""
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(monitor, zmq.POLLIN)
+    start = time.monotonic()
+    deadline, connect_by = start + timeout, start + connect_timeout
     connected = False
     while True:
-        wait = None if connected else max(0.0, deadline - loop.time())
-        try:
-            msg = await asyncio.wait_for(monitor.recv_multipart(), wait)
-        except TimeoutError:
-            return f"could not connect to the holder within {connect_timeout:g}s"
-        event = parse_monitor_message(msg)["event"]
-        if event == _CONNECTED:
-            connected = True
-        elif event == zmq.EVENT_DISCONNECTED:
-            return "the holder closed the connection"
+        now = time.monotonic()
+        if now >= deadline:
+            raise FetchError(f"the holder did not answer within {timeout:g}s")
+        if not connected and now >= connect_by:
+            raise FetchError(f"could not connect to the holder within {connect_timeout:g}s")
+        until = deadline if connected else min(deadline, connect_by)
+        ready = dict(poller.poll(max(1, int((until - now) * 1000))))
+        if sock in ready:
+            return sock.recv_multipart(copy=False)
+        if monitor in ready:
+            event = parse_monitor_message(monitor.recv_multipart())["event"]
+            if event == _CONNECTED:
+                connected = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                raise FetchError("the holder closed the connection")
 
 
 async def fetch_all(
-    ctx: zmq.asyncio.Context,
+    ctx: zmq.Context[Any],
     run: str,
     refs: Iterable[Ref],
     *,

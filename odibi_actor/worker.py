@@ -122,6 +122,7 @@ class Worker:
         self.peer: PeerServer | None = None
         self._keep_from: dict[str, int] = {}  # run -> outputs this big stay here
         self._waiting: set[_Waiting] = set()
+        self._background: set[asyncio.Task[Any]] = set()
 
     # --- lifecycle -----------------------------------------------------------------------
     async def serve(self) -> None:
@@ -242,8 +243,16 @@ class Worker:
 
     # --- sending -------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> None:
+        # the loop keeps only weak references to tasks: hold them until they end, or one
+        # waiting on a socket may be collected mid-way and its tasks never run
         task = asyncio.get_running_loop().create_task(coro)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._background.add(task)
+        task.add_done_callback(self._spawned_done)
+
+    def _spawned_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background task failed", error=repr(task.exception()))
 
     async def _send(self, header: dict[str, Any], values: list[wire.Packed] | None = None) -> None:
         if self._sock is None:

@@ -466,3 +466,67 @@ def test_a_fetch_from_a_holder_that_does_not_answer_fails_and_the_producer_runs_
     runs = [line.split() for line in log.read_text().splitlines()]
     again = [seed for seed, pid in runs if int(pid) == stopped[0]]
     assert len(again) == 1 and [s for s, _ in runs].count(again[0]) == 2
+
+
+def first(i: int) -> int:
+    return i
+
+
+def mix(a: int, b: int) -> int:
+    return (a * 31 + b) % 1_000_003
+
+
+def _layered(layers: int, width: int) -> Any:
+    b = DAGBuilder()
+    for i in range(width):
+        b.add_node(f"n0_{i}", functools.partial(first, i), outputs=[f"d0_{i}"])
+    for layer in range(1, layers):
+        for i in range(width):
+            a, c = f"d{layer - 1}_{i}", f"d{layer - 1}_{(i + 1) % width}"
+            b.add_node(f"n{layer}_{i}", mix, inputs=[a, c], outputs=[f"d{layer}_{i}"])
+    return b.build()
+
+
+@pytest.mark.parametrize("asked", ["all", "last layer"])
+def test_every_output_kept_on_workers_gives_the_same_results(asked):
+    """keep_from=0 keeps even tiny outputs: every input is a reference, fetched or local,
+    and (asking for the last layer) every other dataset is freed along the way."""
+    layers, width = 5, 20
+    dag = _layered(layers, width)
+    want = None if asked == "all" else [f"d{layers - 1}_{i}" for i in range(width)]
+    expected = DAGExecutor(dag, backend="threads").run(outputs=want)
+    ex = DistributedExecutor(dag, workers=3, keep_from=0)
+    assert ex.run(outputs=want) == expected
+    assert ex.metrics.kept_outputs == layers * width
+
+
+def mix_slowly(a: int, b: int) -> int:
+    time.sleep(0.01)
+    return mix(a, b)
+
+
+def test_killing_a_worker_mid_run_loses_its_data_and_the_results_are_still_right():
+    """Every output kept (keep_from=0) on three workers; one is killed a third of the way:
+    whatever it held is made again, recursively where its inputs are gone too."""
+    layers, width = 6, 12
+    b = DAGBuilder()
+    for i in range(width):
+        b.add_node(f"n0_{i}", functools.partial(first, i), outputs=[f"d0_{i}"])
+    for layer in range(1, layers):
+        for i in range(width):
+            a, c = f"d{layer - 1}_{i}", f"d{layer - 1}_{(i + 1) % width}"
+            b.add_node(f"n{layer}_{i}", mix_slowly, inputs=[a, c], outputs=[f"d{layer}_{i}"])
+    dag = b.build()
+    want = [f"d{layers - 1}_{i}" for i in range(width)]
+    expected = DAGExecutor(dag, backend="threads").run(outputs=want)
+    killed: list[int] = []
+
+    def progress(p: Any) -> None:
+        if not killed and p.done >= p.total // 3:
+            killed.append(ex.worker_pids[0])
+            os.kill(killed[0], signal.SIGKILL)
+
+    ex = DistributedExecutor(dag, workers=3, keep_from=0, progress=progress)
+    assert ex.run(outputs=want) == expected
+    assert killed
+    assert sum(m.attempts for m in ex.metrics.nodes.values()) > len(dag)  # some ran again
