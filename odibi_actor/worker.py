@@ -592,11 +592,11 @@ class Worker:
                                 sizes[endpoint] = sizes.get(endpoint, 0) + nbytes
                             wanted.setdefault(name, []).append((w, argi))
         assert self.runner is not None
-        for endpoint, wanted in fetches.items():
-            self._spawn(self._fetch_inputs(run, endpoint, wanted, sizes[endpoint]))
         if self._draining:
             self._spawn(self._send_bye(tasks + self._take_waiting()))
             return
+        for endpoint, wanted in fetches.items():
+            self._spawn(self._fetch_inputs(run, endpoint, wanted, sizes[endpoint]))
         self.runner.submit(tasks)
         if failed:
             self._spawn(self._send_batch(run, failed))
