@@ -194,8 +194,11 @@ class LocalWorkers:
         on_exit: Callable[[str, int, bool], None] | None = None,
         log_level: str = "warning",
         max_respawns: int | None = None,
+        keep_data: bool = True,
     ) -> None:
         self.n, self.address, self.nthreads = n, address, nthreads
+        self.keep_data = keep_data
+        self.data_paths: list[str] = []  # ipc socket files of workers' data sockets
         self.on_exit = on_exit
         self.log_level = log_level
         self.respawns_left = 2 * n if max_respawns is None else max_respawns
@@ -253,6 +256,8 @@ class LocalWorkers:
             name,
             "--log-level",
             self.log_level,
+            "--data-listen",
+            self._data_listen(name),
         ]
         proc: _Proc | None = None
         zygote = self._zygote
@@ -275,6 +280,17 @@ class LocalWorkers:
             proc.kill()
         assert self._tg is not None
         self._tg.start_soon(self._watch, name, proc)
+
+    def _data_listen(self, name: str) -> str:
+        """Next to the coordinator's ipc socket, named after it: reaped with it even when
+        the worker is killed."""
+        if not self.keep_data:
+            return "off"
+        if self.address.startswith("ipc://") and self.address.endswith(".sock"):
+            path = f"{self.address[len('ipc://') : -len('.sock')]}-{name}.sock"
+            self.data_paths.append(path)
+            return f"ipc://{path}"
+        return "auto"
 
     async def _watch(self, name: str, proc: _Proc) -> None:
         code = await proc.wait()
@@ -314,3 +330,6 @@ class LocalWorkers:
                 for p in alive:
                     await p.wait()
         self.procs.clear()
+        for path in self.data_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._dag import DAGNode
@@ -64,3 +64,28 @@ class Abort:
 @dataclass(slots=True)
 class RetryDue:
     """Timer -> scheduler: a backoff may have passed."""
+
+
+@dataclass(slots=True)
+class DataLost:
+    """Dispatcher -> scheduler: datasets kept on a worker can no longer be had.
+
+    Either everything ``owner`` held (it died, left, or was evicted), or the ``names`` a
+    consumer failed to fetch from the data socket at ``endpoint``. ``attempts`` are those
+    consumers' attempts: they ended without running and count like attempts whose worker
+    died. Executors also send it when fetching a run's outputs at the end failed.
+    """
+
+    owner: bytes | None = None
+    endpoint: str | None = None
+    names: list[str] | None = None
+    attempts: list[tuple[int, int]] = field(default_factory=list)
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class DropData:
+    """Scheduler -> dispatcher: nobody needs these kept datasets any more; free them."""
+
+    run_id: str
+    refs: list[Any]  # _dataplane.Ref

@@ -9,6 +9,10 @@ Liveness follows the ZeroMQ guide's Paranoid Pirate pattern: any message from a 
 counts as a heartbeat, the pool heartbeats idle workers, and a worker silent for
 ``heartbeat_timeout`` is evicted and its tasks go elsewhere. Every dispatch carries its
 attempt number, so a late answer from an evicted worker is ignored by the run's state.
+
+Data locality: a task whose inputs are kept on workers (``_dataplane.Ref``) goes to the
+worker holding most of their bytes if it has room, else anywhere. A worker the pool
+forgets takes what it kept with it: the run's scheduler hears so before anything else.
 """
 
 from __future__ import annotations
@@ -26,11 +30,21 @@ import zmq.asyncio
 
 from . import _wire as wire
 from ._dag import DAGNode
+from ._dataplane import Ref
 from ._fingerprint import is_content_hash
 from ._functions import FnSpec
 from ._kernel import Actor, ActorRef
 from ._logging import get_logger
-from ._messages import Abort, Credit, Dispatch, Outcomes, Returned, TaskSpec
+from ._messages import (
+    Abort,
+    Credit,
+    DataLost,
+    Dispatch,
+    DropData,
+    Outcomes,
+    Returned,
+    TaskSpec,
+)
 from ._runner import Outcome
 from .errors import WorkerLostError
 
@@ -49,6 +63,7 @@ class WorkerState:
     nthreads: int
     host: str = ""
     pid: int = 0
+    endpoint: str = ""  # its data socket, if it keeps big outputs
     inflight: dict[tuple[str, int], int] = field(default_factory=dict)  # (run, tid) -> attempt
     known: set[tuple[str, str, int]] = field(default_factory=set)  # (run, "f"|"n", id)
     leaving: bool = False
@@ -76,6 +91,9 @@ class PoolRun:
     fns: dict[int, FnSpec] = field(default_factory=dict)
     deadlines: dict[int, tuple[int, float]] = field(default_factory=dict)  # tid -> attempt, t
     hash_outputs: bool = False  # workers send outputs' content hashes (durable runs)
+    keep_from: int | None = None  # outputs this big stay on their worker; None: all inline
+    kept_any: bool = False  # a worker kept an output: tasks may have inputs on workers
+    homed: dict[bytes, deque[TaskSpec]] = field(default_factory=dict)  # by holder of inputs
 
     def __post_init__(self) -> None:
         # number functions by spec: one shared by many nodes crosses the wire once
@@ -150,6 +168,40 @@ def _hashes(value: Any, n: int) -> tuple[str | None, ...]:
     return tuple(value)
 
 
+def _endpoint(value: Any) -> str:
+    if value is None:
+        return ""
+    if not (
+        isinstance(value, str) and len(value) < 1000 and value.startswith(("ipc://", "tcp://"))
+    ):
+        raise wire.MalformedMessage(f"bad data endpoint {value!r:.60}")
+    return value
+
+
+def _kept(value: Any, n: int) -> list[int | None] | None:
+    """Per output: its size if its worker kept it, None if its bytes came along."""
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == n) or not all(
+        k is None or (type(k) is int and k >= 0) for k in value
+    ):
+        raise wire.MalformedMessage("kept outputs are not a size or nil per output")
+    return value
+
+
+def _home(args: Sequence[Any]) -> bytes | None:
+    """The worker holding most bytes of these inputs, if any are kept on workers."""
+    held: dict[bytes, int] | None = None
+    for a in args:
+        if type(a) is Ref:
+            if held is None:
+                held = {}
+            held[a.owner] = held.get(a.owner, 0) + a.nbytes
+    if not held:
+        return None
+    return max(held, key=held.__getitem__)
+
+
 def _index(tid: Any, order: Sequence[Any]) -> int:
     if type(tid) is not int or not 0 <= tid < len(order):
         raise wire.MalformedMessage(f"no task {tid!r} in this run")
@@ -218,13 +270,14 @@ class WorkerPool(Actor):
             if run is None:
                 return None
             run.outstanding = max(0, run.outstanding - len(message.tasks))
-            if not run.backlog:
-                self._rr.append(run.run_id)
-            run.backlog.extend(message.tasks)
+            self._enqueue(run, message.tasks)
         elif isinstance(message, _Tick):
             await self._on_tick()
         elif isinstance(message, AddRun):
             self.runs[message.run.run_id] = message.run
+        elif isinstance(message, DropData):
+            await self._drop_data(message)
+            return None
         elif isinstance(message, RemoveRun):
             await self._remove_run(message.run_id)
         elif isinstance(message, WorkerExited):
@@ -298,6 +351,7 @@ class WorkerPool(Actor):
             nthreads,
             str(header.get("host", ""))[:200],
             _int(header.get("pid", 0)),
+            _endpoint(header.get("data")),
             last_seen=now,
         )
         w.target = nthreads * self._prefetch()
@@ -325,22 +379,32 @@ class WorkerPool(Actor):
         outcomes: list[Outcome] = []
         pos = 0
         total = 0.0
-        for tid, attempt, duration, *hashes in header["ok"]:
-            n = len(order[_index(tid, order)].outputs)
-            if pos + n > len(values):
+        for tid, attempt, duration, *rest in header["ok"]:
+            node = order[_index(tid, order)]
+            n = len(node.outputs)
+            given = rest[0] if rest else None
+            hashes = _hashes(given, n) if given is not None and run.hash_outputs else None
+            kept = _kept(rest[1], n) if len(rest) > 1 else None
+            if kept is not None and not w.endpoint:
+                raise wire.MalformedMessage("outputs kept by a worker without a data socket")
+            inline = n if kept is None else kept.count(None)
+            if pos + inline > len(values):
                 raise wire.MalformedMessage("result values do not match the nodes' outputs")
+            got: tuple[Any, ...] = tuple(values[pos : pos + inline])
+            if kept is not None:
+                run.kept_any = True
+                it = iter(got)
+                got = tuple(
+                    next(it)
+                    if size is None
+                    else Ref(name, w.identity, w.endpoint, size, w.name, hashes and hashes[i])
+                    for i, (name, size) in enumerate(zip(node.outputs, kept, strict=True))
+                )
             duration = _seconds(duration)
             outcomes.append(
-                Outcome(
-                    tid,
-                    _int(attempt),
-                    duration,
-                    tuple(values[pos : pos + n]),
-                    worker=w.name,
-                    hashes=_hashes(hashes[0], n) if hashes and run.hash_outputs else None,
-                )
+                Outcome(tid, _int(attempt), duration, got, worker=w.name, hashes=hashes)
             )
-            pos += n
+            pos += inline
             total += duration
         if pos != len(values):
             raise wire.MalformedMessage("result values do not match the nodes' outputs")
@@ -366,6 +430,21 @@ class WorkerPool(Actor):
             self._learn(total / len(header["ok"]))
         if outcomes:
             run.scheduler.tell(Outcomes(outcomes))
+        for tid, attempt, endpoint, names, reason in header.get("lost", ()):
+            _index(tid, order)
+            if w.inflight.get((rid, tid)) == attempt:
+                del w.inflight[(rid, tid)]
+                run.inflight -= 1
+            if run.deadlines.get(tid, (None,))[0] == attempt:
+                del run.deadlines[tid]
+            run.scheduler.tell(
+                DataLost(
+                    endpoint=_endpoint(endpoint),
+                    names=[str(n) for n in names],
+                    attempts=[(tid, _int(attempt))],
+                    reason=f"{w.name} could not get it from {endpoint}: {str(reason)[:1000]}",
+                )
+            )
 
     def _on_started(self, w: WorkerState, header: dict[str, Any]) -> None:
         run = self.runs.get(str(header["run"]))
@@ -410,6 +489,10 @@ class WorkerPool(Actor):
     def _forget(self, w: WorkerState, reason: str) -> None:
         if self.workers.get(w.identity) is w:
             del self.workers[w.identity]
+        if w.endpoint:  # before the lost attempts: they must not be sent back to fetch it
+            for run in self.runs.values():
+                if run.keep_from is not None:
+                    run.scheduler.tell(DataLost(owner=w.identity, reason=reason))
         by_run: dict[str, list[tuple[int, int]]] = {}
         for (run_id, tid), attempt in w.inflight.items():
             run = self.runs.get(run_id)
@@ -463,7 +546,7 @@ class WorkerPool(Actor):
             for k in stale:
                 del w.inflight[k]
             w.known = {k for k in w.known if k[0] != run_id}
-            await self._send(w, {"t": wire.CANCEL, "runs": [run_id]})
+            await self._send(w, {"t": wire.CANCEL, "runs": [run_id]})  # also frees its data
 
     # --- outgoing ------------------------------------------------------------------------
     def _prefetch(self) -> int:
@@ -488,15 +571,68 @@ class WorkerPool(Actor):
                 run.outstanding += want
                 run.scheduler.tell(Credit(want))
 
+    def _enqueue(self, run: PoolRun, tasks: list[TaskSpec]) -> None:
+        """Into the run's backlog; a task with inputs kept on a live worker waits for that
+        worker's room first (O(inputs) per task)."""
+        homed, backlog = run.homed, run.backlog
+        was_empty = not backlog
+        if not run.kept_any:
+            backlog.extend(tasks)
+        else:
+            for spec in tasks:
+                home = _home(spec.args)
+                if home is not None and home in self.workers:
+                    q = homed.get(home)
+                    if q is None:
+                        q = homed[home] = deque()
+                    q.append(spec)
+                else:
+                    backlog.append(spec)
+        if was_empty and backlog:
+            self._rr.append(run.run_id)
+
+    def _place_homed(self, batches: dict[tuple[bytes, str], list[TaskSpec]]) -> None:
+        """Tasks go to the worker holding most of their input bytes if it has room (a free
+        thread or a short queue); the rest join the backlog, to run anywhere."""
+        for run in self.runs.values():
+            if not run.homed:
+                continue
+            was_empty = not run.backlog
+            for home, q in run.homed.items():
+                w = self.workers.get(home)
+                take = min(len(q), w.free()) if w is not None else 0
+                if w is not None and take:
+                    batch = batches.setdefault((home, run.run_id), [])
+                    for _ in range(take):
+                        spec = q.popleft()
+                        w.inflight[(run.run_id, spec.tid)] = spec.attempt
+                        batch.append(spec)
+                    run.inflight += take
+                run.backlog.extend(q)
+            run.homed.clear()
+            if was_empty and run.backlog:
+                self._rr.append(run.run_id)
+
+    async def _drop_data(self, message: DropData) -> None:
+        by_owner: dict[bytes, list[str]] = {}
+        for ref in message.refs:
+            by_owner.setdefault(ref.owner, []).append(ref.name)
+        for owner, names in by_owner.items():
+            w = self.workers.get(owner)
+            if w is not None:
+                await self._send(w, {"t": wire.DROP, "run": message.run_id, "names": names})
+
     async def _place(self) -> None:
         """Fill idle threads first, across all workers; only then queue ahead (prefetch).
 
         Each worker's share is taken from the runs' backlogs in turn, so every run with
-        work waiting gets a fair part of the slots that free up.
+        work waiting gets a fair part of the slots that free up. Tasks whose inputs are
+        held by a worker go there first, if it has room.
         """
-        if not self._rr:
-            return
         batches: dict[tuple[bytes, str], list[TaskSpec]] = {}
+        self._place_homed(batches)
+        if not self._rr and not batches:
+            return
         workers = [w for w in self.workers.values() if w.free() > 0]
         idle = [(w, min(w.free(), w.nthreads - len(w.inflight))) for w in workers]
         self._fill([(w, n) for w, n in idle if n > 0], batches)
@@ -537,8 +673,10 @@ class WorkerPool(Actor):
     async def _send_tasks(self, w: WorkerState, run: PoolRun, batch: list[TaskSpec]) -> None:
         fns: dict[int, Any] = {}
         nodes: dict[int, Any] = {}
-        tasks, values = [], []
+        tasks: list[Any] = []
+        values = []
         rid, known = run.run_id, w.known
+        kept_any = run.kept_any
         for spec in batch:
             if (rid, "n", spec.tid) not in known:
                 node = spec.node
@@ -548,11 +686,21 @@ class WorkerPool(Actor):
                     known.add((rid, "f", fid))
                 nodes[spec.tid] = (node.name, fid, node.outputs, node.timeout)
                 known.add((rid, "n", spec.tid))
-            tasks.append((spec.tid, spec.attempt, len(spec.args)))
-            values.extend(spec.args)
+            refs = kept_any and [
+                (i, a.name, a.endpoint, a.nbytes) for i, a in enumerate(spec.args) if type(a) is Ref
+            ]
+            if refs:  # inputs kept on workers travel as references, the others as bytes
+                args = [a for a in spec.args if type(a) is not Ref]
+                tasks.append((spec.tid, spec.attempt, len(args), refs))
+                values.extend(args)
+            else:
+                tasks.append((spec.tid, spec.attempt, len(spec.args)))
+                values.extend(spec.args)
         header: dict[str, Any] = {"t": wire.TASKS, "run": rid, "tasks": tasks}
         if run.hash_outputs:
             header["hash"] = 1
+        if run.keep_from is not None and w.endpoint:
+            header["keep"] = run.keep_from
         if fns:
             header["fns"] = fns
         if nodes:

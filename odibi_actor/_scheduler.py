@@ -15,9 +15,20 @@ import anyio
 
 from ._dag import DAGNode
 from ._durable import CACHE_WORKER, CacheMiss, RunDurability
+from ._holdings import Holdings
 from ._kernel import Actor, ActorRef
 from ._logging import get_logger
-from ._messages import Abort, Credit, Dispatch, Outcomes, RetryDue, Returned, TaskSpec
+from ._messages import (
+    Abort,
+    Credit,
+    DataLost,
+    Dispatch,
+    DropData,
+    Outcomes,
+    RetryDue,
+    Returned,
+    TaskSpec,
+)
 from ._state import Failed, Retry, RunState
 from .errors import NodeFailedError
 from .metrics import MetricsManager
@@ -108,6 +119,7 @@ class Scheduler(Actor):
         run_id: str = "",
         durable: RunDurability | None = None,
         restored: Iterable[str] = (),
+        requested: Iterable[str] | None = None,
     ) -> None:
         self.run_id = run_id
         self.durable = durable
@@ -127,6 +139,14 @@ class Scheduler(Actor):
         self._timer_armed_for: float | None = None
         self._journal_told = False
         self.failed_workers: dict[str, str | None] = {}
+        # datasets kept on workers; with ``requested`` outputs, what may be freed early
+        self.holdings = Holdings(
+            nodes,
+            data,
+            self.state,
+            None if requested is None else frozenset(requested),
+            may_drop=durable is None,
+        )
 
     async def on_start(self) -> None:
         self._t0 = time.perf_counter()
@@ -146,6 +166,8 @@ class Scheduler(Actor):
             self.credit += message.n
         elif isinstance(message, Returned):
             self._on_returned(message)
+        elif isinstance(message, DataLost):
+            self._on_data_lost(message)
         elif isinstance(message, RetryDue):
             self._timer_armed_for = None
             self.state.release_retries(time.monotonic())
@@ -212,6 +234,9 @@ class Scheduler(Actor):
                     continue  # a late or duplicate result: the attempt is no longer current
                 for key, value in zip(node.outputs, o.values or (), strict=True):
                     data[key] = value
+                freed = self.holdings.done(node)
+                if freed:
+                    self.dispatcher.tell(DropData(self.run_id, freed))
                 m = metrics.node(node.name)
                 m.status, m.duration, m.attempts, m.worker = "done", o.duration, o.attempt, o.worker
                 if self.durable is not None:
@@ -264,6 +289,31 @@ class Scheduler(Actor):
         if self.durable is not None:
             self.durable.flush()
 
+    def _on_data_lost(self, message: DataLost) -> None:
+        """Datasets kept on a worker are gone: run their producers again, then whatever
+        could not get them (counted like an attempt whose worker died)."""
+        gone = self.holdings.lost(message)
+        rerun = self.state.reopen(self.holdings.to_rerun(gone)) if gone else []
+        for tid, _ in message.attempts:
+            log.warning(
+                "node could not get its input; running the input's producer again",
+                node=self.names[tid],
+                datasets=message.names,
+                rerun=rerun,
+                reason=message.reason,
+            )
+        if rerun and not message.attempts:
+            log.warning(
+                "datasets lost with the worker that held them; running their producers again",
+                datasets=gone,
+                rerun=rerun,
+                reason=message.reason,
+            )
+        for name in rerun:
+            self.metrics.node(name).status = "lost"
+        if message.attempts:
+            self._on_returned(Returned(message.attempts, lost=True, reason=message.reason))
+
     def _arm_retry_timer(self) -> None:
         at = self.state.next_retry_at()
         if at is None or (self._timer_armed_for is not None and self._timer_armed_for <= at):
@@ -288,4 +338,6 @@ class Scheduler(Actor):
             )
         self._flush_durable()  # everything taken is journaled before the verdict
         self.metrics.execution_time = time.perf_counter() - self._t0
+        self.metrics.kept_outputs = self.holdings.kept
+        self.metrics.kept_bytes = self.holdings.kept_bytes
         self.result.finished.set()

@@ -79,6 +79,7 @@ class RunState:
         self.done = 0
         self.failure: Failed | None = None
         self.cancelled = False
+        self.reopened = False  # some done node had to run again (its output was lost)
         already = set(done)
         for name in nodes:
             if name in already:
@@ -130,6 +131,8 @@ class RunState:
         while ready and len(out) < limit:
             name = ready.popleft()
             st = status[name]
+            if st.state is not State.READY:  # left behind when a reopened node made it wait
+                continue
             st.state = State.RUNNING
             st.attempt += 1
             out.append((name, st.attempt))
@@ -183,7 +186,7 @@ class RunState:
         while self._backoff and self._backoff[0][0] <= now:
             _, name, _ = heapq.heappop(self._backoff)
             st = self._status[name]
-            if st.state is State.BACKOFF:
+            if st.state is State.BACKOFF and not self._must_wait(name, st):
                 st.state = State.READY
                 released.append(name)
         self._ready.extend(released)
@@ -194,9 +197,10 @@ class RunState:
         st = self._status.get(name)
         if st is None or st.state is not State.RUNNING or st.attempt != attempt:
             return False
-        st.state = State.READY
         self.running -= 1
-        self._ready.appendleft(name)
+        if not self._must_wait(name, st):
+            st.state = State.READY
+            self._ready.appendleft(name)
         return True
 
     def lose(self, name: str, attempt: int, reason: str, allowed: int) -> bool | Failed | None:
@@ -222,3 +226,48 @@ class RunState:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def reopen(self, names: Iterable[str]) -> list[str]:
+        """Done nodes whose outputs were lost must run again: each becomes ready (or waits
+        for those of its dependencies reopened with it), and dependents that were ready or
+        waiting wait for it again. Returns the nodes reopened (those that were done)."""
+        status = self._status
+        names = [n for n in dict.fromkeys(names) if status[n].state is State.DONE]
+        if not names:
+            return []
+        self.reopened = True
+        for name in names:
+            status[name].state = State.WAITING
+        self.done -= len(names)
+        for name in names:
+            st = status[name]
+            st.missing = self._missing(name)
+            if not st.missing:
+                st.state = State.READY
+                self._ready.append(name)
+        reopened = set(names)
+        for name in names:
+            for child in self._nodes[name].dependents:
+                cst = status[child]
+                if child in reopened:
+                    continue  # counted above
+                if cst.state is State.WAITING:
+                    cst.missing += 1
+                elif cst.state is State.READY:
+                    cst.missing += 1
+                    cst.state = State.WAITING  # its entry in the ready queue is skipped
+        return names
+
+    def _missing(self, name: str) -> int:
+        status = self._status
+        return sum(1 for d in self._nodes[name].dependencies if status[d].state is not State.DONE)
+
+    def _must_wait(self, name: str, st: NodeStatus) -> bool:
+        """Going back to ready: once done nodes were reopened, a dependency may be missing."""
+        if not self.reopened:
+            return False
+        st.missing = self._missing(name)
+        if st.missing:
+            st.state = State.WAITING
+            return True
+        return False

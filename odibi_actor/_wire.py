@@ -27,6 +27,11 @@ CANCEL = "cancel"  # coordinator: drop queued work of these runs
 HEARTBEAT = "hb"  # either way, only when nothing else was sent lately
 RESET = "reset"  # coordinator: I do not know you (evicted, or I restarted): register again
 BYE = "bye"  # worker: leaving, handing back unstarted tasks; coordinator: going away
+DROP = "drop"  # coordinator: forget these kept datasets of a run
+
+# peer <-> worker data socket (see _dataplane.py)
+FETCH = "fetch"  # a worker or the coordinator: send me these kept datasets of a run
+DATA = "data"  # holder: the datasets it has, and the names it does not have
 
 # client <-> coordinator: every request carries "req", echoed by its answer
 SUBMIT = "submit"  # nodes, function specs and initial data -> run id
@@ -40,7 +45,7 @@ OK = "ok"
 ERROR = "error"
 
 KNOWN_TYPES = frozenset(
-    {HELLO, WELCOME, TASKS, STARTED, RESULTS, CANCEL, HEARTBEAT, RESET, BYE}
+    {HELLO, WELCOME, TASKS, STARTED, RESULTS, CANCEL, HEARTBEAT, RESET, BYE, DROP, FETCH, DATA}
     | {SUBMIT, STATUS, RESULT, EVENTS, CANCEL_RUN, WORKERS, RUNS, OK, ERROR}
 )
 

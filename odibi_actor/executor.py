@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -23,17 +23,19 @@ import zmq
 import zmq.asyncio
 
 from ._dag import BuiltDAG, DAGBuilder, DAGNode, build_dag, check_inputs
+from ._dataplane import KEEP_FROM, Ref, fetch_all
 from ._durable import RunDurability
 from ._functions import FnSpec, describe
 from ._kernel import ActorSystem
 from ._local import LocalWorkers
 from ._logging import get_logger
+from ._messages import DataLost
 from ._persist import Persistence
 from ._pool import AddRun, PoolRun, SayGoodbye, WorkerExited, WorkerPool
 from ._scheduler import Hooks, Progress, RunResult, Scheduler
 from ._threads import ThreadDispatcher
 from ._wire import Packed, pack, unpack
-from .errors import DAGValidationError, OdibiError
+from .errors import DAGValidationError, OdibiError, WorkerLostError
 from .metrics import MetricsManager
 
 log = get_logger("odibi_actor.executor")
@@ -48,6 +50,12 @@ class DAGExecutor:
     ``start_step(name, level)`` / ``end_step(name, status, error)`` and ``events`` gets
     ``emit(event, **fields)``. ``progress`` is called with a :class:`Progress` snapshot
     after each batch of scheduling events.
+
+    With the processes backend, an output whose pickle is at least ``keep_from`` bytes
+    (1 MiB) stays on the worker that made it; workers that need it fetch it from there,
+    and only the outputs ``run()`` returns come back to this process. ``keep_from=None``
+    sends every output through this process, as do runs with a checkpoint or a cache
+    (they record every output's bytes).
     """
 
     default_backend = "threads"
@@ -75,6 +83,7 @@ class DAGExecutor:
         cache_ttl: float | None = None,
         secret: bytes | str | None = None,
         journal_dir: str | None = None,
+        keep_from: int | None = KEEP_FROM,
     ) -> None:
         if isinstance(nodes, DAGBuilder):
             self.nodes = nodes.build()
@@ -97,6 +106,10 @@ class DAGExecutor:
             raise ValueError(f"workers must be at least 1, got {count!r}")
         if nthreads < 1:
             raise ValueError(f"nthreads must be at least 1, got {nthreads!r}")
+        if keep_from is not None and (type(keep_from) is not int or keep_from < 0):
+            raise ValueError(f"keep_from must be a number of bytes >= 0 or None, got {keep_from!r}")
+        self.keep_from = keep_from
+        self._requested: list[str] | None = None
         self.backend = backend
         self.workers = int(count) if count is not None else (os.cpu_count() or 1)
         self.nthreads = nthreads
@@ -118,23 +131,30 @@ class DAGExecutor:
 
     # --- public API ----------------------------------------------------------------------
     def run(
-        self, initial_data: Mapping[str, Any] | None = None, *, resume: bool = False
+        self,
+        initial_data: Mapping[str, Any] | None = None,
+        *,
+        resume: bool = False,
+        outputs: Iterable[str] | None = None,
     ) -> dict[str, Any]:
-        """Run to the end and return every dataset the nodes produced.
+        """Run to the end and return the datasets named in ``outputs`` (default: every
+        dataset the nodes produced). Asking only for what you need saves bringing big
+        intermediate results back to this process, and lets workers free them early.
 
         With ``checkpoint`` and ``run_id`` set, ``resume=True`` reuses every node the
         checkpointed run finished (and whose code and inputs did not change).
         """
+        call = functools.partial(self.arun, initial_data, resume=resume, outputs=outputs)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return anyio.run(functools.partial(self.arun, initial_data, resume=resume))
+            return anyio.run(call)
         # Called from inside an event loop (a notebook): run on a thread of our own.
         box: dict[str, Any] = {}
 
         def target() -> None:
             try:
-                box["value"] = anyio.run(functools.partial(self.arun, initial_data, resume=resume))
+                box["value"] = anyio.run(call)
             except BaseException as exc:
                 box["error"] = exc
 
@@ -149,10 +169,17 @@ class DAGExecutor:
     execute = run
 
     async def arun(
-        self, initial_data: Mapping[str, Any] | None = None, *, resume: bool = False
+        self,
+        initial_data: Mapping[str, Any] | None = None,
+        *,
+        resume: bool = False,
+        outputs: Iterable[str] | None = None,
     ) -> dict[str, Any]:
+        """:meth:`run`, awaitable."""
         data = dict(initial_data or {})
         check_inputs(self.nodes, data)
+        wanted = self._wanted(outputs)
+        self._requested = wanted
         self.metrics = MetricsManager(node_count=len(self.nodes), backend=self.backend)
         result = RunResult()
         self._emit("pipeline_start", nodes=len(self.nodes))
@@ -161,6 +188,8 @@ class DAGExecutor:
             if self.address is not None:
                 try:
                     out = await self._run_remote(data)
+                    if wanted is not None:
+                        out = {k: out[k] for k in wanted}
                 except BaseException as exc:
                     self._emit("pipeline_error", error=exc)
                     raise
@@ -183,10 +212,28 @@ class DAGExecutor:
             self._emit("pipeline_error", error=result.error)
             raise result.error
         out = {k: v for k, v in data.items() if k not in (initial_data or {})}
+        if wanted is not None:
+            out = {k: out[k] for k in wanted}
         if self.backend == "processes":
             out = {k: _materialize(k, v) for k, v in out.items()}
         self._emit("pipeline_complete", duration=self.metrics.execution_time)
         return out
+
+    def _wanted(self, outputs: Iterable[str] | None) -> list[str] | None:
+        if outputs is None:
+            return None
+        if isinstance(outputs, str):
+            raise TypeError(f"outputs must be a list of dataset names, not the string {outputs!r}")
+        wanted = list(dict.fromkeys(outputs))
+        produced = {o for node in self.nodes.values() for o in node.outputs}
+        unknown = [o for o in wanted if o not in produced]
+        if unknown:
+            known = sorted(produced)
+            raise ValueError(
+                f"outputs {unknown} are not produced by any node of this DAG"
+                f" (it produces {known[:20]}{'...' if len(known) > 20 else ''})"
+            )
+        return wanted
 
     # --- durable state -------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -246,6 +293,7 @@ class DAGExecutor:
             run_id,
             durable,
             restored,
+            self._requested,
         )
 
     async def _finish(self, persist: tuple[Persistence, RunDurability] | None) -> None:
@@ -318,7 +366,13 @@ class DAGExecutor:
         address = f"ipc://{path}"
         ctx = zmq.asyncio.Context()
         refs: dict[str, Any] = {}
-        local = LocalWorkers(self.workers, address, self.nthreads, on_exit=self._on_exit(refs))
+        local = LocalWorkers(
+            self.workers,
+            address,
+            self.nthreads,
+            on_exit=self._on_exit(refs),
+            keep_data=self.keep_from is not None,
+        )
         try:
             # workers boot (imports: the slow part) while durable state loads and
             # fingerprints; they connect once the pool binds
@@ -338,9 +392,15 @@ class DAGExecutor:
                     persist[0].spawn(system, lambda: scheduler, persist[1], self.metrics)
                 order = list(self.nodes.values())
                 durable = persist is not None
-                pool.tell(AddRun(PoolRun(run_id, scheduler, order, fn_specs, hash_outputs=durable)))
+                # durable runs record every output's bytes: those all come here
+                keep = None if durable else self.keep_from
+                run = PoolRun(
+                    run_id, scheduler, order, fn_specs, hash_outputs=durable, keep_from=keep
+                )
+                pool.tell(AddRun(run))
                 self.worker_pids = local.pids
                 await result.finished.wait()
+                await self._fetch_outputs(ctx, run_id, data, result, scheduler)
                 local.retire()
                 await pool.ask(SayGoodbye(), timeout=5)
                 await self._finish(persist)  # while the workers leave
@@ -350,6 +410,49 @@ class DAGExecutor:
             ctx.destroy(linger=0)
             if os.path.exists(path):
                 os.unlink(path)
+
+    async def _fetch_outputs(
+        self,
+        ctx: zmq.asyncio.Context,
+        run_id: str,
+        data: dict[str, Any],
+        result: RunResult,
+        scheduler: Any,
+    ) -> None:
+        """Bring the outputs ``run()`` returns here from the workers keeping them, each
+        straight from its holder, once. One whose holder is gone is made again."""
+        wanted = self._requested
+        for _ in range(self.allowed_failures):
+            if result.error is not None:
+                return
+            refs = [
+                v for k, v in data.items() if type(v) is Ref and (wanted is None or k in wanted)
+            ]
+            if not refs:
+                return
+            values, lost = await fetch_all(ctx, run_id, refs)
+            data.update(values)
+            if not lost:
+                return
+            by_endpoint: dict[str, list[str]] = {}
+            for name, (ref, reason) in lost.items():
+                log.warning(
+                    "could not fetch an output from the worker holding it; making it again",
+                    dataset=name,
+                    holder=ref.worker,
+                    reason=reason,
+                )
+                by_endpoint.setdefault(ref.endpoint, []).append(name)
+            result.finished = anyio.Event()
+            for endpoint, names in by_endpoint.items():
+                scheduler.tell(DataLost(endpoint=endpoint, names=names, reason="fetch failed"))
+            await result.finished.wait()
+        if result.error is None:
+            left = sorted(k for k, v in data.items() if type(v) is Ref)
+            result.error = WorkerLostError(
+                f"could not fetch outputs {left} from the workers holding them"
+                f" ({self.allowed_failures} tries)"
+            )
 
     @staticmethod
     def _on_exit(refs: dict[str, Any]) -> Callable[[str, int, bool], None]:

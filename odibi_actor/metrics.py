@@ -9,7 +9,7 @@ from typing import Any
 @dataclass(slots=True)
 class NodeMetrics:
     name: str
-    status: str = "pending"  # pending, done, failed, skipped
+    status: str = "pending"  # pending, done, failed, skipped, lost (to run again)
     duration: float = 0.0  # seconds in the step function, last attempt
     attempts: int = 0
     worker: str | None = None
@@ -27,6 +27,8 @@ class MetricsManager:
     cache_bytes_read: int = 0
     cache_bytes_written: int = 0
     restored: int = 0  # nodes a resume did not run again
+    kept_outputs: int = 0  # outputs kept on their worker instead of sent to the coordinator
+    kept_bytes: int = 0
     workers: int = 0
     backend: str = ""
     nodes: dict[str, NodeMetrics] = field(default_factory=dict)
@@ -56,6 +58,8 @@ class MetricsManager:
             "cache_bytes_read": self.cache_bytes_read,
             "cache_bytes_written": self.cache_bytes_written,
             "restored": self.restored,
+            "kept_outputs": self.kept_outputs,
+            "kept_bytes": self.kept_bytes,
             "workers": self.workers,
             "backend": self.backend,
         }

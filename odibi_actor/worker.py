@@ -5,6 +5,7 @@ CPU-bound step never stops the worker from answering. It follows the ZeroMQ guid
 Paranoid Pirate pattern: heartbeats both ways when idle, any traffic counts as one, and a
 coordinator that falls silent is reconnected to with exponential backoff. Work the runner
 holds survives a reconnect; work of runs the coordinator no longer knows is dropped.
+Big outputs stay here and are served to peers from a data socket (see ``_dataplane.py``).
 It is the ``odibi-worker`` command.
 """
 
@@ -27,6 +28,16 @@ import zmq
 import zmq.asyncio
 
 from . import _wire as wire
+from ._dataplane import (
+    FETCH_TIMEOUT,
+    FetchError,
+    LocalStore,
+    PeerServer,
+    bind_address,
+    fetch,
+    fetch_timeout,
+    readonly,
+)
 from ._functions import load
 from ._logging import configure_logging, get_logger
 from ._runner import Outcome, Task, TaskRunner
@@ -58,6 +69,15 @@ COALESCE_BELOW = 16
 COALESCE_FOR = 0.001
 
 
+class _Waiting:
+    """A task whose inputs are being fetched from the workers that hold them."""
+
+    __slots__ = ("active", "missing", "task")
+
+    def __init__(self, task: Task, missing: int) -> None:
+        self.task, self.missing, self.active = task, missing, True
+
+
 class _SessionEnded(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
@@ -77,6 +97,8 @@ class Worker:
         exit_with_coordinator: bool = False,
         max_backoff: float = 30.0,
         configure_socket: Callable[[zmq.Socket[Any]], None] | None = None,
+        data_listen: str | None = "auto",
+        fetch_timeout: float = FETCH_TIMEOUT,
     ) -> None:
         self.address = address
         self.nthreads = nthreads
@@ -99,6 +121,14 @@ class Worker:
         self.sessions = 0
         self._max_frame: int | None = None  # the coordinator's frame size limit
         self.runner: TaskRunner | None = None
+        # the data plane: outputs kept here, the socket peers fetch them from
+        self.data_listen = data_listen
+        self.fetch_timeout = fetch_timeout
+        self.store = LocalStore()
+        self.peer: PeerServer | None = None
+        self._keep_from: dict[str, int] = {}  # run -> outputs this big stay here
+        self._waiting: set[_Waiting] = set()
+        self._background: set[asyncio.Task[Any]] = set()
 
     # --- lifecycle -----------------------------------------------------------------------
     async def serve(self) -> None:
@@ -108,7 +138,12 @@ class Worker:
             self.nthreads, notify=lambda: loop.call_soon_threadsafe(self._wake.set)
         )
         backoff = 0.25
+        serving = None
+        bind = bind_address(self.data_listen, self.address)
         try:
+            if bind is not None:
+                self.peer = PeerServer(self._ctx, self.store, bind, name=self.name)
+                serving = asyncio.create_task(self.peer.serve())
             while not self._stopped.is_set():
                 reason = await self._session()
                 if self._stopped.is_set():
@@ -139,6 +174,11 @@ class Worker:
                         await asyncio.wait_for(self._stopped.wait(), delay)
                     backoff = min(self.max_backoff, backoff * 2)
         finally:
+            if serving is not None:
+                serving.cancel()
+                await asyncio.gather(serving, return_exceptions=True)
+            if self.peer is not None:
+                self.peer.close()
             self.runner.close()
             self._ctx.destroy(linger=0)
 
@@ -147,7 +187,7 @@ class Worker:
         if self._draining or self.runner is None:
             return
         self._draining = True
-        returned = self.runner.take_unstarted()
+        returned = self.runner.take_unstarted() + self._take_waiting()
         log.info("worker draining", returned=len(returned), running=self.runner.in_flight)
         if self._sock is None or not self._welcomed:
             self._stopped.set()  # no coordinator to hand anything back to: just stop
@@ -174,16 +214,20 @@ class Worker:
         self._sock = sock
         self._welcomed = False
         self._last_recv = time.monotonic()
+        # a new session is a new identity: the coordinator counts what the old one held as
+        # lost, and nobody will ask for it again
+        self.store.clear()
+        hello: dict[str, Any] = {
+            "t": wire.HELLO,
+            "name": self.name,
+            "nthreads": self.nthreads,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+        if self.peer is not None:
+            hello["data"] = self.peer.endpoint
         try:
-            await self._send(
-                {
-                    "t": wire.HELLO,
-                    "name": self.name,
-                    "nthreads": self.nthreads,
-                    "pid": os.getpid(),
-                    "host": socket.gethostname(),
-                }
-            )
+            await self._send(hello)
             tasks = [
                 asyncio.create_task(self._read()),
                 asyncio.create_task(self._send_outcomes()),
@@ -209,8 +253,16 @@ class Worker:
 
     # --- sending -------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> None:
+        # the loop keeps only weak references to tasks: hold them until they end, or one
+        # waiting on a socket may be collected mid-way and its tasks never run
         task = asyncio.get_running_loop().create_task(coro)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._background.add(task)
+        task.add_done_callback(self._spawned_done)
+
+    def _spawned_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background task failed", error=repr(task.exception()))
 
     async def _send(self, header: dict[str, Any], values: list[wire.Packed] | None = None) -> None:
         if self._sock is None:
@@ -264,7 +316,7 @@ class Worker:
                     by_run.setdefault(o.run, []).append(o)
                 for run, batch in by_run.items():
                     await self._send_batch(run, batch)
-            if self._draining and runner.in_flight == 0:
+            if self._draining and runner.in_flight == 0 and not self._waiting:
                 await self._send_bye([], done=True)
                 self._stopped.set()
                 return
@@ -277,8 +329,11 @@ class Worker:
         values: list[wire.Packed] = []
         inband = 0
         for o in outcomes:
+            vals: tuple[wire.Packed, ...] = o.values or ()
+            kept = None
+            if o.error is None:
+                kept, vals = self._keep(run, o.tid, vals)
             if o.error is None and limit is not None:
-                vals = o.values or ()
                 size = sum(len(v.data) for v in vals)
                 biggest = max([size, *(b.nbytes for v in vals for b in v.buffers)], default=0)
                 if biggest > limit:
@@ -299,11 +354,128 @@ class Worker:
                 if o.error is None:
                     inband += size
             if o.error is None:
-                ok.append((o.tid, o.attempt, o.duration, *((o.hashes,) if o.hashes else ())))
-                values.extend(o.values or ())
+                entry: list[Any] = [o.tid, o.attempt, o.duration]
+                if o.hashes or kept:
+                    entry.append(o.hashes)
+                if kept:
+                    entry.append(kept)
+                ok.append(entry)
+                values.extend(vals)
             else:
                 err.append((o.tid, o.attempt, o.duration, o.error, o.traceback))
         await self._send({"t": wire.RESULTS, "run": run, "ok": ok, "err": err}, values)
+
+    def _keep(
+        self, run: str, tid: int, values: tuple[wire.Packed, ...]
+    ) -> tuple[list[int | None] | None, tuple[wire.Packed, ...]]:
+        """Keep the run's big outputs here; returns per output its size if kept (None if
+        it travels inline), and the values that travel inline."""
+        limit = self._keep_from.get(run)
+        info = self._runs.get(run, {}).get(tid)
+        if limit is None or self.peer is None or info is None:
+            return None, values
+        kept: list[int | None] = []
+        inline = []
+        for name, value in zip(info.outputs, values, strict=True):
+            if value.nbytes >= limit:
+                self.store.put(run, name, value)
+                kept.append(value.nbytes)
+            else:
+                kept.append(None)
+                inline.append(value)
+        if len(inline) == len(values):
+            return None, values
+        return kept, tuple(inline)
+
+    # --- inputs held by workers ---------------------------------------------------------
+    def _resolve(self, run: str, task: Task, refs: list[Any]) -> dict[str, list[Any]] | None:
+        """Fill ``task.args`` with the kept inputs this worker holds (no copy); return the
+        ones to fetch, by holder: ``{endpoint: [(name, nbytes, arg index)]}``.
+
+        Returns None if an input said to be here is not (the run lost it).
+        """
+        remote: dict[str, list[Any]] = {}
+        args = task.args
+        assert isinstance(args, list)
+        for argi, name, endpoint, nbytes in refs:
+            if self.peer is not None and endpoint == self.peer.endpoint:
+                value = self.store.get(run, name)
+                if value is None:
+                    self._spawn(
+                        self._report_lost(
+                            run, [(task, endpoint, [name])], "this worker no longer holds it"
+                        )
+                    )
+                    return None
+                args[argi] = readonly(value)
+            else:
+                remote.setdefault(str(endpoint), []).append((str(name), int(nbytes), argi))
+        return remote
+
+    async def _fetch_inputs(
+        self, run: str, endpoint: str, wanted: dict[str, list[tuple[_Waiting, int]]], nbytes: int
+    ) -> None:
+        """One request for everything this batch needs from one holder; tasks whose
+        inputs are all here go to the runner, the others are reported as lost input."""
+        try:
+            got, missing = await fetch(
+                self._ctx,
+                endpoint,
+                run,
+                list(wanted),
+                timeout=fetch_timeout(nbytes, self.fetch_timeout),
+            )
+            reason = "the holder no longer has it"
+        except FetchError as exc:
+            got, missing, reason = {}, list(wanted), str(exc)
+        except Exception as exc:  # whatever it is, the tasks must not wait forever
+            got, missing, reason = {}, list(wanted), f"fetch failed: {exc!r}"
+        assert self.runner is not None
+        for name, value in got.items():
+            for w, argi in wanted.get(name, ()):
+                if w.active:
+                    w.task.args[argi] = readonly(value)  # type: ignore[index]
+                    w.missing -= 1
+                    if w.missing == 0:
+                        w.active = False
+                        self._waiting.discard(w)
+                        self.runner.submit([w.task])
+        lost: dict[_Waiting, list[str]] = {}
+        for name in missing:
+            for w, _ in wanted.get(name, ()):
+                if w.active:
+                    lost.setdefault(w, []).append(name)
+        for w in lost:
+            w.active = False
+            self._waiting.discard(w)
+        if lost:
+            await self._report_lost(
+                run, [(w.task, endpoint, names) for w, names in lost.items()], reason
+            )
+
+    async def _report_lost(
+        self, run: str, lost: list[tuple[Task, str, list[str]]], reason: str
+    ) -> None:
+        for task, endpoint, names in lost:
+            log.warning(
+                "could not get a task's input from the worker holding it",
+                node=task.node,
+                datasets=names,
+                holder=endpoint,
+                reason=reason,
+            )
+        entries = [[t.tid, t.attempt, endpoint, names, reason] for t, endpoint, names in lost]
+        await self._send({"t": wire.RESULTS, "run": run, "ok": [], "err": [], "lost": entries})
+
+    def _take_waiting(self, which: Callable[[Task], bool] | None = None) -> list[Task]:
+        """Remove tasks still waiting for inputs (all, or those ``which`` picks)."""
+        out = []
+        for w in list(self._waiting):
+            if which is None or which(w.task):
+                w.active = False
+                self._waiting.discard(w)
+                out.append(w.task)
+        return out
 
     # --- receiving -----------------------------------------------------------------------
     async def _read(self) -> None:
@@ -335,9 +507,12 @@ class Worker:
             log.info("registered", address=self.address, nthreads=self.nthreads)
         elif kind == wire.CANCEL:
             self._drop_runs({str(r) for r in header.get("runs", [])})
+        elif kind == wire.DROP:
+            self.store.drop(str(header["run"]), [str(n) for n in header["names"]])
         elif kind == wire.RESET:
             # we were evicted (or it restarted): what we queued has gone to others already
             dropped = self.runner.take_unstarted() if self.runner is not None else []
+            dropped += self._take_waiting()
             log.warning(
                 "coordinator does not know this worker; registering again",
                 dropped_queued=len(dropped),
@@ -349,19 +524,23 @@ class Worker:
             log.warning("dropped unexpected message", type=kind)
 
     def _keep_runs(self, alive: set[str]) -> None:
-        self._drop_runs((set(self._runs) | set(self._fns)) - alive, keep_queued_of=alive)
+        known = set(self._runs) | set(self._fns) | self.store.runs
+        self._drop_runs(known - alive, keep_queued_of=alive)
 
     def _drop_runs(self, runs: set[str], keep_queued_of: set[str] | None = None) -> None:
         if self.runner is not None:
             if keep_queued_of is not None:
-                dropped = self.runner.take_unstarted(lambda t: t.run not in keep_queued_of)
+                which: Callable[[Task], bool] = lambda t: t.run not in keep_queued_of  # noqa: E731
             else:
-                dropped = self.runner.take_unstarted(lambda t: t.run in runs)
+                which = lambda t: t.run in runs  # noqa: E731
+            dropped = self.runner.take_unstarted(which) + self._take_waiting(which)
             if dropped:
                 log.info("dropped queued tasks of finished runs", tasks=len(dropped))
+        self.store.drop_runs(runs)
         for run in runs:
             self._runs.pop(run, None)
             self._fns.pop(run, None)
+            self._keep_from.pop(run, None)
 
     def _on_tasks(self, header: dict[str, Any], values: list[wire.Packed]) -> None:
         run = str(header["run"])
@@ -380,10 +559,20 @@ class Worker:
             elif isinstance(fn, Exception):
                 error = f"{type(fn).__name__}: {fn}"
             nodes[int(nid)] = _NodeInfo(name, fn, tuple(outputs), timeout, error)
+        keep = header.get("keep")
+        if type(keep) is int and keep >= 0:
+            self._keep_from[run] = keep
         tasks, failed, pos = [], [], 0
-        for tid, attempt, nargs in header["tasks"]:
-            args = values[pos : pos + nargs]
+        fetches: dict[str, dict[str, list[tuple[_Waiting, int]]]] = {}  # endpoint -> name
+        sizes: dict[str, int] = {}
+        for tid, attempt, nargs, *rest in header["tasks"]:
+            args: list[Any] = values[pos : pos + nargs]
             pos += nargs
+            refs = rest[0] if rest else ()
+            if refs:  # inputs kept on workers: the values carry the others, in order
+                inline = iter(args)
+                held = {r[0] for r in refs}
+                args = [None if i in held else next(inline) for i in range(nargs + len(refs))]
             info = nodes.get(tid)
             if info is None or info.error is not None:
                 error = info.error if info else f"node {tid} was never described to this worker"
@@ -403,10 +592,25 @@ class Worker:
                     hash_outputs=bool(header.get("hash")),
                 )
             )
+            if refs:
+                remote = self._resolve(run, tasks[-1], refs)
+                if remote is None:
+                    tasks.pop()
+                elif remote:
+                    w = _Waiting(tasks.pop(), sum(len(v) for v in remote.values()))
+                    self._waiting.add(w)
+                    for endpoint, items in remote.items():
+                        wanted = fetches.setdefault(endpoint, {})
+                        for name, nbytes, argi in items:
+                            if name not in wanted:
+                                sizes[endpoint] = sizes.get(endpoint, 0) + nbytes
+                            wanted.setdefault(name, []).append((w, argi))
         assert self.runner is not None
         if self._draining:
-            self._spawn(self._send_bye(tasks))
+            self._spawn(self._send_bye(tasks + self._take_waiting()))
             return
+        for endpoint, wanted in fetches.items():
+            self._spawn(self._fetch_inputs(run, endpoint, wanted, sizes[endpoint]))
         self.runner.submit(tasks)
         if failed:
             self._spawn(self._send_batch(run, failed))
@@ -442,6 +646,8 @@ async def _amain(args: argparse.Namespace) -> None:
         heartbeat_timeout=args.heartbeat_timeout,
         exit_with_coordinator=bool(args.parent_pid),
         configure_socket=client_socket_options(args.curve_secret, args.server_key),
+        data_listen=args.data_listen,
+        fetch_timeout=args.fetch_timeout,
     )
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, worker.drain)
@@ -485,6 +691,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=HEARTBEAT_TIMEOUT,
         help=f"seconds of coordinator silence before reconnecting (default: {HEARTBEAT_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--data-listen",
+        default="auto",
+        metavar="ADDR",
+        help="where this worker's data socket binds, for peers to fetch the big outputs it"
+        " keeps: 'auto' (default: an ipc:// path for a local coordinator, 127.0.0.1 for a"
+        " loopback one, none otherwise), 'off', or an endpoint such as tcp://10.0.0.7:*"
+        " (not encrypted: a trusted network only)",
+    )
+    p.add_argument(
+        "--fetch-timeout",
+        type=float,
+        default=FETCH_TIMEOUT,
+        help="seconds a peer holding an input may take to answer, plus one per 100 MB"
+        f" (default: {FETCH_TIMEOUT:g})",
     )
     p.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")

@@ -89,9 +89,13 @@ FOOTNOTES = {
     "d": "warm multiprocessing.Pool (spawn, started beforehand): the map/imap call until"
     " all results are back in the driver.",
     "e": "serial: the same node functions called in topological order in this process.",
-    "f": "large: Dask/Ray gather only the scalar checksum; odibi's run() returns every"
-    " dataset, so the four arrays also reach the driver; Pool returns the four arrays to"
-    " the driver, which sums them (the driver is the consumer).",
+    "f": "large: odibi (run(outputs=['checksum'])), Dask and Ray gather only the scalar"
+    " checksum: the arrays stay on the workers that made them and the consumer's worker"
+    " fetches the ones it lacks from their holders; Pool returns the four arrays to the"
+    " driver, which sums them (the driver is the consumer).",
+    "h": "odibi with keep_from=None and run() returning every dataset: each array goes"
+    " worker -> coordinator -> consumer's worker, and all four back to the driver (the"
+    " data path before workers kept big outputs).",
     "g": "RSS MB = peak resident set size (psutil, every 10 ms) drv = driver process (with"
     " the Dask scheduler / odibi coordinator in it; +delta over its RSS at start), wrk ="
     " largest worker process, svc = sum of other helper processes (Ray's gcs_server,"
@@ -420,13 +424,15 @@ def odibi_run(
     workers: int,
     initial: Mapping[str, Any] | None = None,
     nthreads: int = 1,
+    outputs: Sequence[str] | None = None,
+    **options: Any,
 ) -> Timed:
     from odibi_actor import DistributedExecutor
 
     phases = Phases()
-    ex = DistributedExecutor(nodes, workers=workers, nthreads=nthreads, progress=phases)
+    ex = DistributedExecutor(nodes, workers=workers, nthreads=nthreads, progress=phases, **options)
     t0 = time.perf_counter()
-    out = ex.run(dict(initial or {}))
+    out = ex.run(dict(initial or {}), outputs=outputs)
     t1 = time.perf_counter()
     extra: dict[str, Any] = {
         "execution_time": ex.metrics.execution_time,
@@ -788,11 +794,13 @@ def wl_large(bench: Bench) -> None:
             if not ok:
                 continue
             extra = ray_processes if peer == "ray" else None
-            with RssSampler(extra) as sampler:
-                row = large_peer(bench, peer, handle, nodes, check)
-            row.rss = sampler.summary()
-            if not row.rss["worker_peaks_mb"]:
-                row.note += " (no worker process found for the RSS figures)"
+            # odibi twice: as it runs now, and sending everything through the coordinator
+            for variant in ("", "inline") if peer == "odibi" else ("",):
+                with RssSampler(extra) as sampler:
+                    row = large_peer(bench, peer, handle, nodes, check, variant)
+                row.rss = sampler.summary()
+                if not row.rss["worker_peaks_mb"]:
+                    row.note += " (no worker process found for the RSS figures)"
     moved = ARRAY_COUNT * ARRAY_BYTES
     for row in bench.rows:
         if row.workload == "large" and row.wall:
@@ -800,12 +808,21 @@ def wl_large(bench: Bench) -> None:
 
 
 def large_peer(
-    bench: Bench, peer: str, handle: Any, nodes: Mapping[str, Any], check: Callable
+    bench: Bench,
+    peer: str,
+    handle: Any,
+    nodes: Mapping[str, Any],
+    check: Callable,
+    variant: str = "",
 ) -> Row:
     w = bench.args.workers
-    if peer == "odibi":
+    if peer == "odibi" and variant == "inline":
+        row = bench.add(Row("large", peer, "odibi, all via coordinator", len(nodes), incl="h"))
+        bench.attempt(row, lambda: odibi_run(nodes, w, keep_from=None), check)
+        bench.check_workers_gone(row)
+    elif peer == "odibi":
         row = bench.add(Row("large", peer, "odibi", len(nodes)))
-        bench.attempt(row, lambda: odibi_run(nodes, w), check)
+        bench.attempt(row, lambda: odibi_run(nodes, w, outputs=["checksum"]), check)
         bench.add_odibi_rows(row)
     elif peer == "dask":
         row = bench.add(Row("large", peer, "dask", len(nodes), incl="c"))

@@ -1,0 +1,320 @@
+"""The data plane: big outputs stay on the worker that made them; peers fetch them directly.
+
+A worker keeps each output whose pickle is at least the run's threshold (``KEEP_FROM``,
+1 MiB, by default) in a per-run :class:`LocalStore` and reports a small :class:`Ref`
+instead of the bytes. The coordinator forwards references, never the data; a worker whose
+task needs a dataset another worker holds asks that worker's data socket for it
+(:func:`fetch`), and the holder answers from its store (:class:`PeerServer`). Frames are
+received with ``copy=False``, so out-of-band buffers are the zmq frames' own memory: the
+only copy per hop is the kernel's. An input held by the consumer's own worker is passed
+by reference, without any copy.
+
+Kept datasets are passed to steps read-only (as Ray does): several consumers may read
+the same memory, and one must not change what the others see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from . import _wire as wire
+from ._logging import get_logger
+from ._wire import Packed
+
+log = get_logger("odibi_actor.dataplane")
+
+KEEP_FROM = 1 << 20  # outputs whose pickle is at least this many bytes stay on the worker
+FETCH_TIMEOUT = 30.0  # seconds a holder has to answer a fetch, plus one per FETCH_RATE bytes
+FETCH_RATE = 100e6
+CONNECT_TIMEOUT = 5.0  # seconds to reach a holder's data socket at all
+HEARTBEAT_MS = 1000  # ZMTP heartbeats on a fetch: a holder that stops answering is dropped
+HEARTBEAT_TIMEOUT_MS = 5000
+# connected means the holder's zmq answered the handshake: a stopped process never does
+_CONNECTED = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
+MAX_NAMES = 100_000  # datasets one fetch may ask for
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """Where a kept dataset lives. The coordinator holds this instead of the bytes."""
+
+    name: str  # the dataset
+    owner: bytes  # the holder's identity at the pool (one per connection session)
+    endpoint: str  # the holder's data socket
+    nbytes: int
+    worker: str = ""  # the holder's name, for messages
+    hash: str | None = None  # content hash, when the holder computed one
+
+
+class FetchError(Exception):
+    """A holder could not be reached or did not answer in time."""
+
+
+def readonly(p: Packed) -> Packed:
+    """The same bytes, read-only: consumers sharing a kept value must not change it."""
+    return Packed(p.data, [b.toreadonly() for b in p.buffers])
+
+
+def fetch_timeout(nbytes: int, base: float = FETCH_TIMEOUT) -> float:
+    """How long a holder may take to send ``nbytes``: generous, since it only bounds a
+    holder that is alive but not answering (a dead one is noticed at once)."""
+    return base + nbytes / FETCH_RATE
+
+
+class LocalStore:
+    """A worker's kept outputs, by run and dataset name. Touched only on its event loop."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, dict[str, Packed]] = {}
+        self.nbytes = 0
+
+    def put(self, run: str, name: str, value: Packed) -> None:
+        held = self._runs.setdefault(run, {})
+        old = held.get(name)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        held[name] = value
+        self.nbytes += value.nbytes
+
+    def get(self, run: str, name: str) -> Packed | None:
+        return self._runs.get(run, {}).get(name)
+
+    def drop(self, run: str, names: Iterable[str]) -> None:
+        held = self._runs.get(run)
+        if held is None:
+            return
+        for name in names:
+            value = held.pop(name, None)
+            if value is not None:
+                self.nbytes -= value.nbytes
+
+    def drop_runs(self, runs: Iterable[str]) -> None:
+        for run in runs:
+            self.drop(run, list(self._runs.get(run, ())))
+            self._runs.pop(run, None)
+
+    def clear(self) -> None:
+        self._runs.clear()
+        self.nbytes = 0
+
+    @property
+    def runs(self) -> set[str]:
+        return set(self._runs)
+
+    def __len__(self) -> int:
+        return sum(len(h) for h in self._runs.values())
+
+
+def bind_address(setting: str | None, coordinator: str) -> str | None:
+    """Where a worker's data socket binds; ``None``: no data socket, all data inline.
+
+    ``auto`` picks an ``ipc://`` path in the temp directory for a coordinator reached over
+    ipc (local workers) and loopback TCP for a loopback coordinator. A worker talking to a
+    coordinator on another host accepts no inbound connection unless told an address, as
+    before: the data socket has no CurveZMQ, so it belongs on a trusted network only.
+    """
+    if setting is None or setting == "off":
+        return None
+    if setting != "auto":
+        return setting
+    if coordinator.startswith("ipc://"):
+        path = os.path.join(tempfile.gettempdir(), f"odibi-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        return f"ipc://{path}-data.sock"
+    host = coordinator.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return "tcp://127.0.0.1:*"
+    return None
+
+
+class PeerServer:
+    """A worker's data socket: a ROUTER answering ``fetch`` requests from its store."""
+
+    def __init__(
+        self, ctx: zmq.asyncio.Context, store: LocalStore, address: str, *, name: str = ""
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # requests are small
+        self.sock.bind(address)
+        self.endpoint = _advertised(self.sock.getsockopt(zmq.LAST_ENDPOINT).decode())
+        self.requests = 0  # fetch requests answered
+        self.sent = 0  # datasets sent
+
+    async def serve(self) -> None:
+        recv = self.sock.recv_multipart
+        while True:
+            frames = await recv(copy=False)
+            try:
+                await self._answer(frames)
+            except Exception as exc:  # a broken or hostile peer must not stop the server
+                log.warning("dropped bad fetch request", worker=self.name, error=repr(exc))
+
+    async def _answer(self, frames: list[Any]) -> None:
+        header, _ = wire.decode(frames[1:])
+        names = header.get("names")
+        if header["t"] != wire.FETCH or not isinstance(names, list) or len(names) > MAX_NAMES:
+            raise wire.MalformedMessage("expected a fetch request with a list of names")
+        run = str(header.get("run"))
+        have, missing, values = [], [], []
+        for name in names:
+            value = self.store.get(run, str(name))
+            if value is None:
+                missing.append(str(name))
+            else:
+                have.append(str(name))
+                values.append(value)
+        self.requests += 1
+        self.sent += len(values)
+        reply = wire.encode({"t": wire.DATA, "have": have, "missing": missing}, values)
+        with contextlib.suppress(zmq.ZMQError):  # EHOSTUNREACH: the asker left
+            await self.sock.send_multipart([frames[0], *reply], copy=False)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        if self.endpoint.startswith("ipc://"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.endpoint[len("ipc://") :])
+
+
+def _advertised(endpoint: str) -> str:
+    """A wildcard bind is no address for peers: name this host instead."""
+    for wildcard in ("tcp://0.0.0.0:", "tcp://[::]:"):
+        if endpoint.startswith(wildcard):
+            return f"tcp://{socket.gethostbyname(socket.gethostname())}:{endpoint[len(wildcard) :]}"
+    return endpoint
+
+
+async def fetch(
+    ctx: zmq.Context[Any],
+    endpoint: str,
+    run: str,
+    names: list[str],
+    *,
+    timeout: float,
+    connect_timeout: float = CONNECT_TIMEOUT,
+) -> tuple[dict[str, Packed], list[str]]:
+    """Ask the holder at ``endpoint`` for ``names`` in one request; returns what it sent
+    and the names it does not hold. Buffers are the received frames' memory.
+
+    Runs on a helper thread with a plain (blocking) socket, so the event loop goes on
+    meanwhile and no socket churn touches the loop's readers. Raises
+    :class:`FetchError` when the holder cannot be reached within ``connect_timeout``,
+    drops the connection, or sends nothing within ``timeout``.
+    """
+    return await asyncio.to_thread(
+        fetch_blocking, ctx, endpoint, run, names, timeout, connect_timeout
+    )
+
+
+def fetch_blocking(
+    ctx: zmq.Context[Any],
+    endpoint: str,
+    run: str,
+    names: list[str],
+    timeout: float,
+    connect_timeout: float = CONNECT_TIMEOUT,
+) -> tuple[dict[str, Packed], list[str]]:
+    """:func:`fetch`, blocking the calling thread."""
+    sync = zmq.Context.shadow(ctx.underlying)
+    sock = sync.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    monitor = sock.get_monitor_socket(_CONNECTED | zmq.EVENT_DISCONNECTED)
+    try:
+        sock.connect(endpoint)
+        sock.send_multipart(wire.encode({"t": wire.FETCH, "run": run, "names": names}))
+        frames = _await_reply(sock, monitor, timeout, connect_timeout)
+    finally:
+        with contextlib.suppress(zmq.ZMQError):
+            sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+    try:
+        header, values = wire.decode(frames)
+        have, missing = header["have"], header["missing"]
+        if header["t"] != wire.DATA or len(have) != len(values):
+            raise wire.MalformedMessage("the answer does not match the request")
+        return dict(zip(map(str, have), values, strict=True)), [str(m) for m in missing]
+    except Exception as exc:
+        raise FetchError(f"bad answer from the holder: {exc}") from None
+
+
+def _await_reply(
+    sock: zmq.Socket[Any], monitor: zmq.Socket[Any], timeout: float, connect_timeout: float
+) -> list[Any]:
+    """The reply's frames; a holder that never completes the handshake (dead, stopped),
+    drops the connection, or stays silent past ``timeout`` raises :class:`FetchError`."""
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(monitor, zmq.POLLIN)
+    start = time.monotonic()
+    deadline, connect_by = start + timeout, start + connect_timeout
+    connected = False
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            raise FetchError(f"the holder did not answer within {timeout:g}s")
+        if not connected and now >= connect_by:
+            raise FetchError(f"could not connect to the holder within {connect_timeout:g}s")
+        until = deadline if connected else min(deadline, connect_by)
+        ready = dict(poller.poll(max(1, int((until - now) * 1000))))
+        if sock in ready:
+            return sock.recv_multipart(copy=False)
+        if monitor in ready:
+            event = parse_monitor_message(monitor.recv_multipart())["event"]
+            if event == _CONNECTED:
+                connected = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                raise FetchError("the holder closed the connection")
+
+
+async def fetch_all(
+    ctx: zmq.Context[Any],
+    run: str,
+    refs: Iterable[Ref],
+    *,
+    base_timeout: float = FETCH_TIMEOUT,
+) -> tuple[dict[str, Packed], dict[str, tuple[Ref, str]]]:
+    """Fetch ``refs`` from their holders: one request per holder, all at once.
+
+    Returns the values by name, and the lost ones by name with the reason.
+    """
+    by_endpoint: dict[str, list[Ref]] = {}
+    for ref in refs:
+        by_endpoint.setdefault(ref.endpoint, []).append(ref)
+
+    async def one(endpoint: str, group: list[Ref]) -> tuple[dict[str, Packed], dict[str, Any]]:
+        timeout = fetch_timeout(sum(r.nbytes for r in group), base_timeout)
+        try:
+            got, missing = await fetch(ctx, endpoint, run, [r.name for r in group], timeout=timeout)
+        except FetchError as exc:
+            return {}, {r.name: (r, str(exc)) for r in group}
+        lost = {r.name: (r, "the holder no longer has it") for r in group if r.name in missing}
+        return got, lost
+
+    values: dict[str, Packed] = {}
+    lost: dict[str, tuple[Ref, str]] = {}
+    for got, gone in await asyncio.gather(*(one(e, g) for e, g in by_endpoint.items())):
+        values.update(got)
+        lost.update(gone)
+    return values, lost
