@@ -52,6 +52,9 @@ log = get_logger("odibi_actor.pool")
 
 MIN_PREFETCH, MAX_PREFETCH = 2, 128
 TARGET_QUEUE_SECONDS = 0.02  # keep about this much work queued on each worker thread
+# a tasks message costs both ends about this much CPU; a batch of tasks shorter than it
+# does not go out alone to an idle worker when one worker can take a worthwhile batch
+MESSAGE_SECONDS = 0.001
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_TIMEOUT = 6.0
 
@@ -555,6 +558,12 @@ class WorkerPool(Actor):
         want = int(TARGET_QUEUE_SECONDS / max(self.avg_duration, 1e-6)) + 1
         return max(MIN_PREFETCH, min(MAX_PREFETCH, want))
 
+    def _least_batch(self) -> int:
+        """Tasks worth a message of their own: about MESSAGE_SECONDS of work."""
+        if self.avg_duration is None:
+            return 1
+        return max(1, min(MAX_PREFETCH, int(MESSAGE_SECONDS / max(self.avg_duration, 1e-6))))
+
     def _learn(self, duration: float) -> None:
         avg = self.avg_duration
         self.avg_duration = duration if avg is None else 0.8 * avg + 0.2 * duration
@@ -633,13 +642,21 @@ class WorkerPool(Actor):
         self._place_homed(batches)
         if not self._rr and not batches:
             return
+        # idle threads first; with tasks shorter than a message costs, each worker fed gets a
+        # worthwhile batch (which may leave others idle) rather than one task per thread
+        least = self._least_batch()
         workers = [w for w in self.workers.values() if w.free() > 0]
-        idle = [(w, min(w.free(), w.nthreads - len(w.inflight))) for w in workers]
-        self._fill([(w, n) for w, n in idle if n > 0], batches)
-        workers = [w for w in workers if w.free() > 0]
+        idle = [(w, w.nthreads - len(w.inflight)) for w in workers]
+        self._fill([(w, min(w.free(), max(n, least))) for w, n in idle if n > 0], batches)
+        # queue ahead only on workers whose queue drained to half (or that got tasks just
+        # now): topped up in one message, not a few tasks per message as results trickle in
+        fed = {identity for identity, _ in batches}
+        workers = [
+            w for w in workers if w.free() > 0 and (w.identity in fed or 2 * w.free() >= w.target)
+        ]
         while self._rr and workers:
             backlog = sum(len(self.runs[r].backlog) for r in self._rr if r in self.runs)
-            share = -(-backlog // len(workers))  # spread the rest evenly
+            share = max(least, -(-backlog // len(workers)))  # spread the rest evenly
             self._fill([(w, min(w.free(), share)) for w in workers], batches)
             workers = [w for w in workers if w.free() > 0]
         for (identity, run_id), batch in batches.items():
