@@ -171,7 +171,8 @@ class Worker:
                         hint=hint,
                     )
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopped.wait(), delay)
+                        async with asyncio.timeout(delay):
+                            await self._stopped.wait()
                     backoff = min(self.max_backoff, backoff * 2)
         finally:
             if serving is not None:
@@ -235,9 +236,10 @@ class Worker:
                 asyncio.create_task(self._stopped.wait()),
             ]
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            while pending:  # a task may swallow a cancellation (see _send): cancel it again
+                for t in pending:
+                    t.cancel()
+                _, pending = await asyncio.wait(pending, timeout=1.0)
             for t in done:
                 exc = t.exception()
                 if isinstance(exc, _SessionEnded):
@@ -269,8 +271,12 @@ class Worker:
             return
         self._last_send = time.monotonic()
         send = self._sock.send_multipart(wire.encode(header, values or ()), copy=False)
-        try:  # a send blocks while no connection is up (refused keys, dead peer): bound it
-            await asyncio.wait_for(send, self.heartbeat_timeout)
+        # a send blocks while no connection is up (refused keys, dead peer): bound it. Not
+        # with wait_for, which on Python 3.11 can swallow a cancellation that lands as the
+        # send completes, and so keep a finished session's sender alive for good
+        try:
+            async with asyncio.timeout(self.heartbeat_timeout):
+                await send
         except TimeoutError:
             raise _SessionEnded("lost") from None
 

@@ -77,7 +77,7 @@ class Cluster:
             "--listen",
             self.listen,
             "--log-level",
-            "info",
+            "debug",
             *self.coordinator_args,
             *extra,
         ]
@@ -95,7 +95,7 @@ class Cluster:
             "--name",
             name,
             "--log-level",
-            "info",
+            "debug",
             *self.worker_args,
             *extra,
         ]
