@@ -388,8 +388,8 @@ class WorkerPool(Actor):
             given = rest[0] if rest else None
             hashes = _hashes(given, n) if given is not None and run.hash_outputs else None
             kept = _kept(rest[1], n) if len(rest) > 1 else None
-            if kept is not None and not w.endpoint:
-                raise wire.MalformedMessage("outputs kept by a worker without a data socket")
+            if kept is not None and (not w.endpoint or run.keep_from is None):
+                raise wire.MalformedMessage("outputs kept where the run keeps none")
             inline = n if kept is None else kept.count(None)
             if pos + inline > len(values):
                 raise wire.MalformedMessage("result values do not match the nodes' outputs")

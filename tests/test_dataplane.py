@@ -21,7 +21,7 @@ import zmq.asyncio
 
 from odibi_actor import DAGBuilder, DAGExecutor, DistributedExecutor
 from odibi_actor._dag import build_dag
-from odibi_actor._dataplane import FetchError, LocalStore, PeerServer, Ref, fetch
+from odibi_actor._dataplane import FetchError, LocalStore, PeerServer, Ref, bind_address, fetch
 from odibi_actor._holdings import Holdings
 from odibi_actor._messages import DataLost
 from odibi_actor._state import RunState, State
@@ -142,6 +142,31 @@ async def test_peer_server_survives_garbage(tmp_path):
         assert unpack(got["x"]) == b"hello" * 1000 and not missing
     finally:
         rogue.close(linger=0)
+        serving.cancel()
+        server.close()
+        ctx.destroy(linger=0)
+
+
+def test_where_a_worker_listens_for_peers():
+    assert bind_address("auto", "ipc:///tmp/odibi-1-x.sock").startswith("ipc://")
+    assert bind_address("auto", "tcp://127.0.0.1:5555") == "tcp://127.0.0.1:*"
+    assert bind_address("auto", "tcp://localhost:5555") == "tcp://127.0.0.1:*"
+    assert bind_address("auto", "tcp://10.0.0.5:5555") is None  # no open port unless told
+    assert bind_address("tcp://10.0.0.7:*", "tcp://10.0.0.5:5555") == "tcp://10.0.0.7:*"
+    assert bind_address("off", "ipc:///tmp/x.sock") is None
+
+
+async def test_fetch_over_loopback_tcp():
+    ctx = zmq.asyncio.Context()
+    store = LocalStore()
+    store.put("r", "big", pack(np.ones(MB // 8)))
+    server = PeerServer(ctx, store, bind_address("auto", "tcp://127.0.0.1:5555") or "")
+    serving = asyncio.create_task(server.serve())
+    try:
+        assert server.endpoint.startswith("tcp://127.0.0.1:")  # the port it got, to advertise
+        got, _ = await fetch(ctx, server.endpoint, "r", ["big"], timeout=30)
+        assert unpack(got["big"]).sum() == MB // 8
+    finally:
         serving.cancel()
         server.close()
         ctx.destroy(linger=0)
