@@ -161,6 +161,7 @@ class Scheduler(Actor):
 
     async def on_message(self, message: Any) -> None:
         if isinstance(message, Outcomes):
+            self.metrics.result_batches += 1
             self._on_outcomes(message.outcomes)
         elif isinstance(message, Credit):
             self.credit += message.n
@@ -222,6 +223,7 @@ class Scheduler(Actor):
             self.credit += len(specs) - len(direct)  # the cache does not use worker slots
             specs = direct
         if specs:
+            self.metrics.dispatches += 1
             self.dispatcher.tell(Dispatch(self.run_id, specs))
 
     def _on_outcomes(self, outcomes: list[Any]) -> None:

@@ -29,6 +29,8 @@ class MetricsManager:
     restored: int = 0  # nodes a resume did not run again
     kept_outputs: int = 0  # outputs kept on their worker instead of sent to the coordinator
     kept_bytes: int = 0
+    dispatches: int = 0  # batches of tasks the scheduler handed to its dispatcher
+    result_batches: int = 0  # batches of outcomes it got back (one per worker message)
     workers: int = 0
     backend: str = ""
     nodes: dict[str, NodeMetrics] = field(default_factory=dict)
@@ -60,6 +62,8 @@ class MetricsManager:
             "restored": self.restored,
             "kept_outputs": self.kept_outputs,
             "kept_bytes": self.kept_bytes,
+            "dispatches": self.dispatches,
+            "result_batches": self.result_batches,
             "workers": self.workers,
             "backend": self.backend,
         }
