@@ -83,9 +83,12 @@ class Holdings:
         return freed
 
     def _free(self, name: str, freed: list[Ref]) -> None:
+        """Only kept outputs are freed: a small value costs the coordinator little, and
+        dropping it would make losing a later dataset rerun its producer too."""
         del self._left[name]
-        value = self.data.pop(name, None)
+        value = self.data.get(name)
         if type(value) is Ref:
+            del self.data[name]
             self.by_owner.get(value.owner, set()).discard(name)
             freed.append(value)
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -39,6 +42,37 @@ def check_not_inside_worker() -> None:
             " inside a worker; guard the script's run with `if __name__ == '__main__':`,"
             " or use backend='threads' inside steps"
         )
+
+
+_SOCKET_NAME = re.compile(r"odibi-(\d+)-[\w.-]+\.sock")
+
+
+def sweep_stale_sockets(directory: str | None = None) -> int:
+    """Remove ipc socket files of local runs whose process is gone (killed with -9, so it
+    could not remove them itself); returns how many. Only our own sockets, by name."""
+    directory = directory or tempfile.gettempdir()
+    removed = 0
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            m = _SOCKET_NAME.fullmatch(entry.name)
+            if m is None or _pid_alive(int(m.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid():
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _child_env() -> dict[str, str]:

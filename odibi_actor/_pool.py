@@ -650,9 +650,15 @@ class WorkerPool(Actor):
         self._fill([(w, min(w.free(), max(n, least))) for w, n in idle if n > 0], batches)
         # queue ahead only on workers whose queue drained to half (or that got tasks just
         # now): topped up in one message, not a few tasks per message as results trickle in
+        # and nothing queued ahead before a task's duration is known: the first workers to
+        # connect would hold long tasks that the ones joining a moment later could run
         fed = {identity for identity, _ in batches}
         workers = [
-            w for w in workers if w.free() > 0 and (w.identity in fed or 2 * w.free() >= w.target)
+            w
+            for w in workers
+            if self.avg_duration is not None
+            and w.free() > 0
+            and (w.identity in fed or 2 * w.free() >= w.target)
         ]
         while self._rr and workers:
             backlog = sum(len(self.runs[r].backlog) for r in self._rr if r in self.runs)

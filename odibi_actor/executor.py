@@ -27,7 +27,7 @@ from ._dataplane import KEEP_FROM, Ref, fetch_all
 from ._durable import RunDurability
 from ._functions import FnSpec, describe
 from ._kernel import ActorSystem
-from ._local import LocalWorkers
+from ._local import LocalWorkers, sweep_stale_sockets
 from ._logging import get_logger
 from ._messages import DataLost
 from ._persist import Persistence
@@ -113,6 +113,8 @@ class DAGExecutor:
         self.backend = backend
         self.workers = int(count) if count is not None else (os.cpu_count() or 1)
         self.nthreads = nthreads
+        if allowed_failures < 0:
+            raise ValueError(f"allowed_failures must be >= 0, got {allowed_failures}")
         self.allowed_failures = allowed_failures
         self.context = context
         self.hooks = Hooks(tracker, events, progress)
@@ -362,6 +364,7 @@ class DAGExecutor:
     async def _run_processes(self, data: dict[str, Any], result: RunResult, resume: bool) -> None:
         fn_specs = _function_specs(self.nodes)
         run_id = uuid.uuid4().hex[:12]
+        sweep_stale_sockets()  # of local runs killed before they could clean up
         path = os.path.join(tempfile.gettempdir(), f"odibi-{os.getpid()}-{run_id}.sock")
         address = f"ipc://{path}"
         ctx = zmq.asyncio.Context()
@@ -422,7 +425,7 @@ class DAGExecutor:
         """Bring the outputs ``run()`` returns here from the workers keeping them, each
         straight from its holder, once. One whose holder is gone is made again."""
         wanted = self._requested
-        for _ in range(self.allowed_failures):
+        for tries in range(1, self.allowed_failures + 2):  # a fetch, then as many remakes
             if result.error is not None:
                 return
             refs = [
@@ -434,6 +437,8 @@ class DAGExecutor:
             data.update(values)
             if not lost:
                 return
+            if tries > self.allowed_failures:
+                break
             by_endpoint: dict[str, list[str]] = {}
             for name, (ref, reason) in lost.items():
                 log.warning(
@@ -451,7 +456,7 @@ class DAGExecutor:
             left = sorted(k for k, v in data.items() if type(v) is Ref)
             result.error = WorkerLostError(
                 f"could not fetch outputs {left} from the workers holding them"
-                f" ({self.allowed_failures} tries)"
+                f" ({self.allowed_failures + 1} tries)"
             )
 
     @staticmethod

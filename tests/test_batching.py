@@ -6,6 +6,9 @@ message of its own, whether two workers or many more than the machine's cores ru
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from odibi_actor import DAGBuilder, DistributedExecutor
@@ -54,3 +57,21 @@ def test_short_tasks_travel_many_to_a_message(shape, workers):
     assert len(nodes) / m.result_batches >= 10, (
         f"{m.result_batches} result messages for {len(nodes)} tasks"
     )
+
+
+def nap_and_say_where(i):
+    time.sleep(1.0)
+    return os.getpid()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [2, 4])
+def test_long_tasks_are_not_stacked_on_the_first_worker_to_connect(workers):
+    """Before any task's duration is known nothing is queued ahead: a worker that connects
+    a moment after another still gets one of the long tasks."""
+    b = DAGBuilder()
+    for i in range(workers):
+        b.add_node(f"n{i}", nap_and_say_where, inputs=[f"i{i}"], outputs=[f"o{i}"])
+    ex = DistributedExecutor(b.build(), workers=workers)
+    out = ex.run({f"i{i}": i for i in range(workers)})
+    assert len(set(out.values())) == workers, f"tasks per worker pid: {out}"

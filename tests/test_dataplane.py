@@ -361,11 +361,12 @@ class Sim:
         self.h = Holdings(self.nodes, self.data, self.state, req)
         self.attempts: dict[str, int] = {}
 
-    def finish(self, name: str, owner: bytes = b"w1") -> list[str]:
+    def finish(self, name: str, owner: bytes | None = b"w1") -> list[str]:
+        """``owner`` None: the outputs are small and came to the coordinator inline."""
         self.attempts.update(self.state.take(100))
         assert self.state.complete(name, self.attempts.pop(name)) is not None
         for out in self.nodes[name].outputs:
-            self.data[out] = _ref(out, owner)
+            self.data[out] = _ref(out, owner) if owner is not None else b"small"
         return [r.name for r in self.h.done(self.nodes[name])]
 
 
@@ -400,6 +401,18 @@ def test_a_lost_output_that_was_asked_for_is_made_again_with_its_freed_inputs():
     gone = sim.h.lost(DataLost(owner=b"w1"))
     assert gone == ["D"]  # A and B were freed once b, c and d were done
     assert sorted(sim.h.to_rerun(gone)) == ["a", "d"]  # d needs A again
+
+
+def test_small_outputs_are_never_freed_so_a_loss_reruns_no_more_than_it_must():
+    sim = Sim(requested={"C", "D"})
+    sim.finish("a", owner=None)  # A: small, inline
+    for name in ("b", "d"):
+        sim.finish(name)
+    sim.finish("c", owner=b"w2")
+    assert sim.data["A"] == b"small"  # every consumer is done, yet it stays
+    gone = sim.h.lost(DataLost(owner=b"w1"))
+    assert gone == ["D"]
+    assert sim.h.to_rerun(gone) == ["d"]  # not a, whose output is still here
 
 
 def test_losing_a_worker_whose_data_was_freed_costs_nothing():
@@ -555,3 +568,19 @@ def test_killing_a_worker_mid_run_loses_its_data_and_the_results_are_still_right
     assert ex.run(outputs=want) == expected
     assert killed
     assert sum(m.attempts for m in ex.metrics.nodes.values()) > len(dag)  # some ran again
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("keep_from", [MB, None])
+def test_allowed_failures_zero_still_returns_kept_outputs(keep_from):
+    """The outputs are fetched once even when no remake is allowed."""
+    b = DAGBuilder()
+    b.add_node("big", big, inputs=["seed"], outputs=["B", "addr", "pid"])
+    ex = DistributedExecutor(b.build(), workers=1, allowed_failures=0, keep_from=keep_from)
+    out = ex.run({"seed": 3}, outputs=["B"])
+    assert out["B"].nbytes == 4 * MB and float(out["B"][0]) == 3.0
+
+
+def test_allowed_failures_must_not_be_negative():
+    with pytest.raises(ValueError, match="allowed_failures"):
+        DistributedExecutor({}, allowed_failures=-1)

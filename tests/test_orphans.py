@@ -292,3 +292,28 @@ def test_a_killed_zygote_costs_its_workers_not_the_run(tmp_path):
     finishers = {m.worker for m in ex.metrics.nodes.values()}
     assert finishers - {"local-0", "local-1"}, f"no respawned worker finished a step: {finishers}"
     assert wait_gone([p.pid for p in worker_children(os.getpid())], 5) == []
+
+
+def _unix_socket_file(path: Path) -> None:
+    import socket
+
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()  # the file stays, as after a kill -9
+
+
+def test_socket_files_of_killed_runs_are_swept(tmp_path):
+    from odibi_actor._local import sweep_stale_sockets
+
+    gone = subprocess.Popen([PYTHON, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"odibi-{gone.pid}-abc123.sock"
+    stale_data = tmp_path / f"odibi-{gone.pid}-abc123-local-0.sock"
+    mine = tmp_path / f"odibi-{os.getpid()}-def456.sock"
+    not_a_socket = tmp_path / f"odibi-{gone.pid}-notes.sock"
+    for path in (stale, stale_data, mine):
+        _unix_socket_file(path)
+    not_a_socket.write_text("keep me")
+    assert sweep_stale_sockets(str(tmp_path)) == 2
+    assert not stale.exists() and not stale_data.exists()
+    assert mine.exists() and not_a_socket.exists()
