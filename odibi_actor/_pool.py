@@ -609,14 +609,8 @@ class WorkerPool(Actor):
             was_empty = not run.backlog
             for home, q in run.homed.items():
                 w = self.workers.get(home)
-                take = min(len(q), w.free()) if w is not None else 0
-                if w is not None and take:
-                    batch = batches.setdefault((home, run.run_id), [])
-                    for _ in range(take):
-                        spec = q.popleft()
-                        w.inflight[(run.run_id, spec.tid)] = spec.attempt
-                        batch.append(spec)
-                    run.inflight += take
+                if w is not None:
+                    self._assign(w, run, q, min(len(q), w.free()), batches)
                 run.backlog.extend(q)
             run.homed.clear()
             if was_empty and run.backlog:
@@ -681,17 +675,31 @@ class WorkerPool(Actor):
                     self._rr.popleft()
                     continue
                 take = min(free, len(run.backlog), max(1, free // len(self._rr)))
-                batch = batches.setdefault((w.identity, run.run_id), [])
-                for _ in range(take):
-                    spec = run.backlog.popleft()
-                    w.inflight[(run.run_id, spec.tid)] = spec.attempt
-                    batch.append(spec)
-                run.inflight += take
+                self._assign(w, run, run.backlog, take, batches)
                 free -= take
                 if run.backlog:
                     self._rr.rotate(-1)
                 else:
                     self._rr.popleft()
+
+    @staticmethod
+    def _assign(
+        w: WorkerState,
+        run: PoolRun,
+        queue: deque[TaskSpec],
+        n: int,
+        batches: dict[tuple[bytes, str], list[TaskSpec]],
+    ) -> None:
+        """Move the first ``n`` tasks of ``queue`` into ``w``'s batch for ``run``."""
+        if n <= 0:
+            return
+        batch = batches.setdefault((w.identity, run.run_id), [])
+        inflight, rid = w.inflight, run.run_id
+        for _ in range(n):
+            spec = queue.popleft()
+            inflight[(rid, spec.tid)] = spec.attempt
+            batch.append(spec)
+        run.inflight += n
 
     async def _send_tasks(self, w: WorkerState, run: PoolRun, batch: list[TaskSpec]) -> None:
         fns: dict[int, Any] = {}

@@ -178,7 +178,7 @@ class Scheduler(Actor):
             self.dispatcher.tell(Dispatch(self.run_id, message.specs))
         elif isinstance(message, JournalDue):
             self._journal_told = False
-            self.durable.flush()  # type: ignore[union-attr]  # only sent with durable state
+            self._flush_durable()
             return
         elif isinstance(message, Abort):
             self._flush_durable()

@@ -424,7 +424,7 @@ class DAGExecutor:
     ) -> None:
         """Bring the outputs ``run()`` returns here from the workers keeping them, each
         straight from its holder, once. One whose holder is gone is made again."""
-        wanted = self._requested
+        wanted = None if self._requested is None else frozenset(self._requested)
         for tries in range(1, self.allowed_failures + 2):  # a fetch, then as many remakes
             if result.error is not None:
                 return

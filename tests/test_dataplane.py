@@ -288,23 +288,33 @@ def test_outputs_names_what_comes_back(backend):
         ex.run({"seed0": 1}, outputs="w0")
 
 
+def _signal_the_holder(
+    tmp_path: Path, seed: int, sig: int
+) -> tuple[DistributedExecutor, Path, list[int]]:
+    """``make`` keeps ``arr`` on its worker; once it is done, ``sig`` goes to that worker
+    while a gate (``secs`` in the run's data) holds the consumer back. Returns the executor
+    (not run yet), the log of ``make``'s runs (one pid a line) and the pids signalled."""
+    log = tmp_path / "made"
+    b = DAGBuilder()
+    b.add_node("make", lambda: logged_big(str(log), seed), outputs=["arr"])
+    b.add_node("gate", gate, inputs=["secs"], outputs=["g"])
+    b.add_node("total", total, inputs=["arr", "g"], outputs=["t"])
+    signalled: list[int] = []
+
+    def progress(p: Any) -> None:
+        if not signalled and ex.metrics.nodes["make"].status == "done":
+            pid = int(log.read_text().split()[0])
+            os.kill(pid, sig)
+            signalled.append(pid)
+
+    ex = DistributedExecutor(b.build(), workers=2, progress=progress)
+    return ex, log, signalled
+
+
 def test_a_dead_holder_takes_its_data_and_the_producer_runs_again(tmp_path, caplog):
     """The holder of ``arr`` is killed after reporting it, before the consumer can run
     (a slow gate holds it back): the producer runs again and the run completes."""
-    log = tmp_path / "made"
-    b = DAGBuilder()
-    b.add_node("make", lambda: logged_big(str(log), 7), outputs=["arr"])
-    b.add_node("gate", gate, inputs=["secs"], outputs=["g"])
-    b.add_node("total", total, inputs=["arr", "g"], outputs=["t"])
-    killed: list[int] = []
-
-    def progress(p: Any) -> None:
-        if not killed and ex.metrics.nodes["make"].status == "done":
-            pid = int(log.read_text().split()[0])
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-    ex = DistributedExecutor(b.build(), workers=2, progress=progress)
+    ex, log, killed = _signal_the_holder(tmp_path, 7, signal.SIGKILL)
     out = ex.run({"secs": 2.0}, outputs=["t"])
     assert out["t"] == 7.0 * (2 * MB // 8)
     runs = log.read_text().split()
@@ -315,20 +325,7 @@ def test_a_dead_holder_takes_its_data_and_the_producer_runs_again(tmp_path, capl
 def test_a_holder_that_stops_answering_does_not_hang_its_consumer(tmp_path):
     """SIGSTOP the holder: the consumer's fetch cannot complete (or the worker is evicted
     first); either way the producer runs again elsewhere and the run completes."""
-    log = tmp_path / "made"
-    b = DAGBuilder()
-    b.add_node("make", lambda: logged_big(str(log), 3), outputs=["arr"])
-    b.add_node("gate", gate, inputs=["secs"], outputs=["g"])
-    b.add_node("total", total, inputs=["arr", "g"], outputs=["t"])
-    stopped: list[int] = []
-
-    def progress(p: Any) -> None:
-        if not stopped and ex.metrics.nodes["make"].status == "done":
-            pid = int(log.read_text().split()[0])
-            os.kill(pid, signal.SIGSTOP)
-            stopped.append(pid)
-
-    ex = DistributedExecutor(b.build(), workers=2, progress=progress)
+    ex, log, stopped = _signal_the_holder(tmp_path, 3, signal.SIGSTOP)
     try:
         out = ex.run({"secs": 0.5}, outputs=["t"])
     finally:
