@@ -601,16 +601,21 @@ class WorkerPool(Actor):
             self._rr.append(run.run_id)
 
     def _place_homed(self, batches: dict[tuple[bytes, str], list[TaskSpec]]) -> None:
-        """Tasks go to the worker holding most of their input bytes if it has room (a free
-        thread or a short queue); the rest join the backlog, to run anywhere."""
+        """Tasks go to the worker holding most of their input bytes if its queue is short
+        (a thread's worth beyond its prefetch at most); the rest join the backlog, to run
+        anywhere."""
         for run in self.runs.values():
             if not run.homed:
                 continue
             was_empty = not run.backlog
             for home, q in run.homed.items():
                 w = self.workers.get(home)
-                if w is not None:
-                    self._assign(w, run, q, min(len(q), w.free()), batches)
+                if w is not None and not w.leaving:
+                    # a holder takes them up to a thread's worth beyond its prefetch: its
+                    # free slots may just have gone to the backlog, and fetching the
+                    # inputs elsewhere costs more than waiting here a little
+                    room = w.target + w.nthreads - len(w.inflight)
+                    self._assign(w, run, q, min(len(q), room), batches)
                 run.backlog.extend(q)
             run.homed.clear()
             if was_empty and run.backlog:
