@@ -237,6 +237,8 @@ class LocalWorkers:
         self.log_level = log_level
         self.respawns_left = 2 * n if max_respawns is None else max_respawns
         self.procs: dict[str, _Proc] = {}
+        self.pids: list[int] = []  # every worker started, in order, filled as they start
+        self._booted = anyio.Event()  # the first n have started (or failed to)
         self._zygote: _Zygote | None = None
         self._tg: TaskGroup | None = None
         self._closing = False
@@ -253,9 +255,17 @@ class LocalWorkers:
                 log.info("cannot start the zygote; spawning workers one by one", error=str(exc))
             else:
                 self._tg.start_soon(self._zygote.listen)
-        for _ in range(self.n):
-            await self._spawn()
+        # in the background: the zygote's imports take ~100 ms, which the caller spends
+        # opening durable state and starting its actors; workers connect when it binds
+        self._tg.start_soon(self._boot)
         return self
+
+    async def _boot(self) -> None:
+        try:
+            for _ in range(self.n):
+                await self._spawn()
+        finally:
+            self._booted.set()
 
     async def __aexit__(self, *exc: object) -> None:
         self._closing = True
@@ -272,10 +282,6 @@ class LocalWorkers:
     def retire(self) -> None:
         """The workers are being told to leave: from now on an exit is no crash."""
         self._closing = True
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs.values()]
 
     async def _spawn(self) -> None:
         if self._closing:
@@ -310,6 +316,7 @@ class LocalWorkers:
                 env=_child_env(),
             )
         self.procs[name] = proc
+        self.pids.append(proc.pid)
         if self._closing:  # stop() began while we were starting it: it sees it in procs
             proc.kill()
         assert self._tg is not None
@@ -349,6 +356,8 @@ class LocalWorkers:
     async def stop(self, grace: float) -> None:
         """Wait ``grace`` seconds for workers told to leave, then terminate, then kill."""
         self._closing = True
+        with anyio.move_on_after(grace):
+            await self._booted.wait()  # a worker still starting is in procs after this
         procs = list(self.procs.values())
         with anyio.move_on_after(grace):
             for p in procs:

@@ -376,6 +376,7 @@ class DAGExecutor:
             on_exit=self._on_exit(refs),
             keep_data=self.keep_from is not None,
         )
+        self.worker_pids = local.pids
         try:
             # workers boot (imports: the slow part) while durable state loads and
             # fingerprints; they connect once the pool binds
@@ -401,7 +402,6 @@ class DAGExecutor:
                     run_id, scheduler, order, fn_specs, hash_outputs=durable, keep_from=keep
                 )
                 pool.tell(AddRun(run))
-                self.worker_pids = local.pids
                 await result.finished.wait()
                 await self._fetch_outputs(ctx, run_id, data, result, scheduler)
                 local.retire()
