@@ -130,4 +130,3 @@ class RunDurability:
             done, self._done = self._done, []
             if self.ledger.record(done) and self.recorder is not None:
                 self.recorder.tell(SyncDue())
-

@@ -10,7 +10,6 @@ import contextlib
 import functools
 import gc
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -27,11 +26,11 @@ from ._dataplane import KEEP_FROM, Ref, fetch_all
 from ._durable import RunDurability
 from ._functions import FnSpec, describe
 from ._kernel import ActorSystem
-from ._local import LocalWorkers, sweep_stale_sockets
+from ._localcluster import HostedCluster, LocalCluster
 from ._logging import get_logger
 from ._messages import DataLost
 from ._persist import Persistence
-from ._pool import AddRun, PoolRun, SayGoodbye, WorkerExited, WorkerPool
+from ._pool import AddRun, PoolRun, RemoveRun
 from ._scheduler import Hooks, Progress, RunResult, Scheduler
 from ._threads import ThreadDispatcher
 from ._wire import Packed, pack, unpack
@@ -130,6 +129,45 @@ class DAGExecutor:
         self.secret = secret.encode() if isinstance(secret, str) else secret
         self.journal_dir = journal_dir
         self.persistence: Persistence | None = None
+        self._hosted: HostedCluster | None = None  # warm workers, between start() and close()
+
+    # --- warm workers --------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the local worker processes now and keep them for every run until
+        :meth:`close`, as a Dask ``LocalCluster`` does: runs then pay no start-up, and
+        what a step imported stays imported. ``with executor:`` does both.
+
+        Nothing to do for the threads backend or a remote ``address``. Progress and
+        ``events`` callbacks of warm runs are called on the workers' host thread.
+        """
+        if self.backend != "processes" or self.address is not None:
+            return
+        if self._hosted is not None and self._hosted.alive:
+            return
+        hosted = HostedCluster(self.workers, self.nthreads, keep_data=self.keep_from is not None)
+        hosted.start()
+        self._hosted = hosted
+        self.worker_pids = hosted.cluster.local.pids
+
+    def close(self) -> None:
+        """Stop the workers :meth:`start` kept (waiting for them); idempotent."""
+        hosted, self._hosted = self._hosted, None
+        if hosted is not None:
+            hosted.close()
+
+    def __enter__(self) -> DAGExecutor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> DAGExecutor:
+        await anyio.to_thread.run_sync(self.start)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await anyio.to_thread.run_sync(self.close)
 
     # --- public API ----------------------------------------------------------------------
     def run(
@@ -362,57 +400,54 @@ class DAGExecutor:
             system.shutdown()
 
     async def _run_processes(self, data: dict[str, Any], result: RunResult, resume: bool) -> None:
+        if self._hosted is not None:  # warm workers, kept between runs on their own loop
+            await self._hosted.run(
+                lambda cluster: self._run_on(cluster, data, result, resume, warm=True)
+            )
+            return
+        cluster = LocalCluster(self.workers, self.nthreads, keep_data=self.keep_from is not None)
+        self.worker_pids = cluster.local.pids
+        async with cluster:
+            await self._run_on(cluster, data, result, resume, warm=False)
+
+    async def _run_on(
+        self,
+        cluster: LocalCluster,
+        data: dict[str, Any],
+        result: RunResult,
+        resume: bool,
+        warm: bool,
+    ) -> None:
+        """One run on ``cluster``'s pool: its own scheduler (and durable state) in an actor
+        system of its own, so a warm cluster outlives it untouched."""
         fn_specs = _function_specs(self.nodes)
         run_id = uuid.uuid4().hex[:12]
-        sweep_stale_sockets()  # of local runs killed before they could clean up
-        path = os.path.join(tempfile.gettempdir(), f"odibi-{os.getpid()}-{run_id}.sock")
-        address = f"ipc://{path}"
-        ctx = zmq.asyncio.Context()
-        refs: dict[str, Any] = {}
-        local = LocalWorkers(
-            self.workers,
-            address,
-            self.nthreads,
-            on_exit=self._on_exit(refs),
-            keep_data=self.keep_from is not None,
-        )
-        self.worker_pids = local.pids
-        try:
-            # workers boot (imports: the slow part) while durable state loads and
-            # fingerprints; they connect once the pool binds
-            async with (
-                local,
-                self._persistence(data, resume) as persist,
-                ActorSystem() as system,
-            ):
-                refs["pool"] = pool = system.spawn(
-                    lambda: WorkerPool(address, ctx, on_evict=local.kill), "pool"
-                )
-                scheduler = system.spawn(
-                    lambda: self._make_scheduler(data, result, lambda: pool, run_id, persist),
-                    "scheduler",
-                )
-                if persist is not None:
-                    persist[0].spawn(system, lambda: scheduler, persist[1], self.metrics)
-                order = list(self.nodes.values())
-                durable = persist is not None
-                # durable runs record every output's bytes: those all come here
-                keep = None if durable else self.keep_from
-                run = PoolRun(
-                    run_id, scheduler, order, fn_specs, hash_outputs=durable, keep_from=keep
-                )
-                pool.tell(AddRun(run))
+        pool = cluster.pool
+        assert pool is not None
+        # a cold cluster's workers are still booting while durable state opens
+        async with self._persistence(data, resume) as persist, ActorSystem() as system:
+            scheduler = system.spawn(
+                lambda: self._make_scheduler(data, result, lambda: pool, run_id, persist),
+                "scheduler",
+            )
+            if persist is not None:
+                persist[0].spawn(system, lambda: scheduler, persist[1], self.metrics)
+            durable = persist is not None
+            # durable runs record every output's bytes: those all come here
+            keep = None if durable else self.keep_from
+            order = list(self.nodes.values())
+            run = PoolRun(run_id, scheduler, order, fn_specs, hash_outputs=durable, keep_from=keep)
+            pool.tell(AddRun(run))
+            try:
                 await result.finished.wait()
-                await self._fetch_outputs(ctx, run_id, data, result, scheduler)
-                local.retire()
-                await pool.ask(SayGoodbye(), timeout=5)
-                await self._finish(persist)  # while the workers leave
-                await local.stop(grace=3.0)  # the pool still says bye to late joiners
-                system.shutdown()
-        finally:
-            ctx.destroy(linger=0)
-            if os.path.exists(path):
-                os.unlink(path)
+                await self._fetch_outputs(cluster.ctx, run_id, data, result, scheduler)
+            finally:
+                if warm:  # workers cancel what is left of the run and free what they kept
+                    pool.tell(RemoveRun(run_id))
+            if not warm:
+                await cluster.release()
+            await self._finish(persist)  # while a cold cluster's workers leave
+            system.shutdown()
 
     async def _fetch_outputs(
         self,
@@ -458,14 +493,6 @@ class DAGExecutor:
                 f"could not fetch outputs {left} from the workers holding them"
                 f" ({self.allowed_failures + 1} tries)"
             )
-
-    @staticmethod
-    def _on_exit(refs: dict[str, Any]) -> Callable[[str, int, bool], None]:
-        def exited(name: str, code: int, more: bool) -> None:
-            if "pool" in refs:  # a worker that died before the pool started was never in it
-                refs["pool"].tell(WorkerExited(name, code, more))
-
-        return exited
 
     def _emit(self, event: str, **fields: Any) -> None:
         if self.hooks.events is not None:
