@@ -6,8 +6,10 @@ instead of the bytes. The coordinator forwards references, never the data; a wor
 task needs a dataset another worker holds asks that worker's data socket for it
 (:func:`fetch`), and the holder answers from its store (:class:`PeerServer`). Frames are
 received with ``copy=False``, so out-of-band buffers are the zmq frames' own memory: the
-only copy per hop is the kernel's. An input held by the consumer's own worker is passed
-by reference, without any copy.
+only copy per hop is the kernel's. Between workers on one host, big buffers do not cross
+the socket at all: the holder writes each into shared memory once (:mod:`._shm`) and the
+asker maps it. An input held by the consumer's own worker is passed by reference, without
+any copy.
 
 Kept datasets are passed to steps read-only (as Ray does): several consumers may read
 the same memory, and one must not change what the others see.
@@ -30,6 +32,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from . import _shm
 from . import _wire as wire
 from ._logging import get_logger
 from ._wire import Packed
@@ -74,11 +77,16 @@ def fetch_timeout(nbytes: int, base: float = FETCH_TIMEOUT) -> float:
     return base + nbytes / FETCH_RATE
 
 
+# where a shared value's big buffers are: [[buffer index, path, nbytes], ...]
+Shared = list[list[Any]]
+
+
 class LocalStore:
     """A worker's kept outputs, by run and dataset name. Touched only on its event loop."""
 
     def __init__(self) -> None:
         self._runs: dict[str, dict[str, Packed]] = {}
+        self._shared: dict[tuple[str, str], Shared] = {}  # values also in shared memory
         self.nbytes = 0
 
     def put(self, run: str, name: str, value: Packed) -> None:
@@ -86,11 +94,50 @@ class LocalStore:
         old = held.get(name)
         if old is not None:
             self.nbytes -= old.nbytes
+            self._unshare(run, name)
         held[name] = value
         self.nbytes += value.nbytes
 
     def get(self, run: str, name: str) -> Packed | None:
         return self._runs.get(run, {}).get(name)
+
+    async def share(self, run: str, name: str) -> tuple[Packed, Shared] | None:
+        """The value for a peer on this host: its big buffers in shared memory (written
+        once, on threads, then read from there here too), the rest to send as usual.
+        None if the value is not (or no longer) here."""
+        value = self.get(run, name)
+        if value is None:
+            return None
+        shared = self._shared.get((run, name))
+        if shared is None:
+            big = [i for i, b in enumerate(value.buffers) if b.nbytes >= _shm.SHM_FROM]
+            if not big:
+                return value, []
+            try:
+                written = await asyncio.gather(
+                    *(asyncio.to_thread(_shm.write, value.buffers[i]) for i in big)
+                )
+            except OSError as exc:  # /dev/shm full, say: the socket still works
+                log.warning("cannot use shared memory; sending through the socket", error=str(exc))
+                return value, []
+            if self.get(run, name) is not value:  # dropped or replaced meanwhile
+                _shm.remove(path for path, _ in written)
+                return await self.share(run, name)
+            buffers = list(value.buffers)
+            for i, (_, view) in zip(big, written, strict=True):
+                buffers[i] = view  # the private copy goes once nothing else reads it
+            value = self._runs[run][name] = Packed(value.data, buffers)
+            shared = self._shared[(run, name)] = [
+                [i, path, view.nbytes] for i, (path, view) in zip(big, written, strict=True)
+            ]
+        moved = {entry[0] for entry in shared}
+        rest = [b for i, b in enumerate(value.buffers) if i not in moved]
+        return Packed(value.data, rest), shared
+
+    def _unshare(self, run: str, name: str) -> None:
+        shared = self._shared.pop((run, name), None)
+        if shared:
+            _shm.remove(entry[1] for entry in shared)
 
     def drop(self, run: str, names: Iterable[str]) -> None:
         held = self._runs.get(run)
@@ -100,6 +147,7 @@ class LocalStore:
             value = held.pop(name, None)
             if value is not None:
                 self.nbytes -= value.nbytes
+                self._unshare(run, name)
 
     def drop_runs(self, runs: Iterable[str]) -> None:
         for run in runs:
@@ -107,7 +155,7 @@ class LocalStore:
             self._runs.pop(run, None)
 
     def clear(self) -> None:
-        self._runs.clear()
+        self.drop_runs(list(self._runs))
         self.nbytes = 0
 
     @property
@@ -173,9 +221,17 @@ class PeerServer:
         if header["t"] != wire.FETCH or not isinstance(names, list) or len(names) > MAX_NAMES:
             raise wire.MalformedMessage("expected a fetch request with a list of names")
         run = str(header.get("run"))
+        local = header.get("shm") is True and self.endpoint.startswith("ipc://")
         have, missing, values = [], [], []
+        shm: list[list[Any]] = []  # [value index, buffer index, path, nbytes]
         for name in names:
-            value = self.store.get(run, str(name))
+            if local:
+                found = await self.store.share(run, str(name))
+                value = None if found is None else found[0]
+                if found is not None:
+                    shm.extend([len(values), *entry] for entry in found[1])
+            else:
+                value = self.store.get(run, str(name))
             if value is None:
                 missing.append(str(name))
             else:
@@ -183,7 +239,10 @@ class PeerServer:
                 values.append(value)
         self.requests += 1
         self.sent += len(values)
-        reply = wire.encode({"t": wire.DATA, "have": have, "missing": missing}, values)
+        answer = {"t": wire.DATA, "have": have, "missing": missing}
+        if shm:
+            answer["shm"] = shm
+        reply = wire.encode(answer, values)
         with contextlib.suppress(zmq.ZMQError):  # EHOSTUNREACH: the asker left
             await self.sock.send_multipart([frames[0], *reply], copy=False)
 
@@ -210,9 +269,11 @@ async def fetch(
     *,
     timeout: float,
     connect_timeout: float = CONNECT_TIMEOUT,
+    shm: bool = False,
 ) -> tuple[dict[str, Packed], list[str]]:
     """Ask the holder at ``endpoint`` for ``names`` in one request; returns what it sent
-    and the names it does not hold. Buffers are the received frames' memory.
+    and the names it does not hold. Buffers are the received frames' memory, or with
+    ``shm`` (the holder is on this host) read-only mappings of the holder's shared memory.
 
     Runs on a helper thread with a plain (blocking) socket, so the event loop goes on
     meanwhile and no socket churn touches the loop's readers. Raises
@@ -220,7 +281,7 @@ async def fetch(
     drops the connection, or sends nothing within ``timeout``.
     """
     return await asyncio.to_thread(
-        fetch_blocking, ctx, endpoint, run, names, timeout, connect_timeout
+        fetch_blocking, ctx, endpoint, run, names, timeout, connect_timeout, shm
     )
 
 
@@ -231,6 +292,7 @@ def fetch_blocking(
     names: list[str],
     timeout: float,
     connect_timeout: float = CONNECT_TIMEOUT,
+    shm: bool = False,
 ) -> tuple[dict[str, Packed], list[str]]:
     """:func:`fetch`, blocking the calling thread."""
     sync = zmq.Context.shadow(ctx.underlying)
@@ -242,7 +304,10 @@ def fetch_blocking(
     monitor = sock.get_monitor_socket(_CONNECTED | zmq.EVENT_DISCONNECTED)
     try:
         sock.connect(endpoint)
-        sock.send_multipart(wire.encode({"t": wire.FETCH, "run": run, "names": names}))
+        request = {"t": wire.FETCH, "run": run, "names": names}
+        if shm:
+            request["shm"] = True
+        sock.send_multipart(wire.encode(request))
         frames = _await_reply(sock, monitor, timeout, connect_timeout)
     finally:
         with contextlib.suppress(zmq.ZMQError):
@@ -254,9 +319,39 @@ def fetch_blocking(
         have, missing = header["have"], header["missing"]
         if header["t"] != wire.DATA or len(have) != len(values):
             raise wire.MalformedMessage("the answer does not match the request")
+        if header.get("shm"):
+            values = _attach_shared(values, header["shm"])
         return dict(zip(map(str, have), values, strict=True)), [str(m) for m in missing]
     except Exception as exc:
         raise FetchError(f"bad answer from the holder: {exc}") from None
+
+
+def _attach_shared(values: list[Packed], shm: Any) -> list[Packed]:
+    """Put the holder's shared-memory buffers back in their places among the sent ones."""
+    if not isinstance(shm, list):
+        raise wire.MalformedMessage("shm must be a list")
+    mapped: dict[int, dict[int, memoryview]] = {}
+    for entry in shm:
+        vi, bi, path, nbytes = entry
+        if not (type(vi) is int and type(bi) is int and type(nbytes) is int) or not (
+            0 <= vi < len(values) and bi >= 0 and isinstance(path, str)
+        ):
+            raise wire.MalformedMessage(f"bad shared-memory entry {entry!r:.200}")
+        mapped.setdefault(vi, {})[bi] = _shm.attach(path, nbytes)
+    out = []
+    for vi, value in enumerate(values):
+        extra = mapped.get(vi)
+        if not extra:
+            out.append(value)
+            continue
+        sent = iter(value.buffers)
+        total = len(value.buffers) + len(extra)
+        if max(extra) >= total:
+            raise wire.MalformedMessage("shared-memory buffer index out of range")
+        out.append(
+            Packed(value.data, [extra[i] if i in extra else next(sent) for i in range(total)])
+        )
+    return out
 
 
 def _await_reply(

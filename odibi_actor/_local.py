@@ -55,7 +55,7 @@ def sweep_stale_sockets(directory: str | None = None) -> int:
     with contextlib.suppress(OSError), os.scandir(directory) as entries:
         for entry in entries:
             m = _SOCKET_NAME.fullmatch(entry.name)
-            if m is None or _pid_alive(int(m.group(1))):
+            if m is None or pid_alive(int(m.group(1))):
                 continue
             with contextlib.suppress(OSError):
                 st = entry.stat(follow_symlinks=False)
@@ -65,7 +65,7 @@ def sweep_stale_sockets(directory: str | None = None) -> int:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -24,6 +24,7 @@ import anyio
 import zmq
 import zmq.asyncio
 
+from . import _shm
 from ._kernel import ActorRef, ActorSystem
 from ._local import LocalWorkers, sweep_stale_sockets
 from ._pool import PoolStatus, SayGoodbye, WorkerExited, WorkerPool
@@ -52,6 +53,7 @@ class LocalCluster:
 
     async def __aenter__(self) -> LocalCluster:
         sweep_stale_sockets()  # of local runs killed before they could clean up
+        _shm.sweep_stale()  # and the shared memory of their workers
         try:
             # workers boot in the background (the zygote's imports are the slow part) and
             # connect once the pool binds

@@ -178,6 +178,7 @@ class Worker:
             if serving is not None:
                 serving.cancel()
                 await asyncio.gather(serving, return_exceptions=True)
+            self.store.clear()  # removes its shared-memory files too
             if self.peer is not None:
                 self.peer.close()
             self.runner.close()
@@ -430,6 +431,7 @@ class Worker:
                 run,
                 list(wanted),
                 timeout=fetch_timeout(nbytes, self.fetch_timeout),
+                shm=endpoint.startswith("ipc://"),  # the holder is on this host
             )
             reason = "the holder no longer has it"
         except FetchError as exc:

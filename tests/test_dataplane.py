@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import mmap
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,9 +22,18 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from odibi_actor import DAGBuilder, DAGExecutor, DistributedExecutor
+from odibi_actor import DAGBuilder, DAGExecutor, DistributedExecutor, _shm
+from odibi_actor import _wire as wire
 from odibi_actor._dag import build_dag
-from odibi_actor._dataplane import FetchError, LocalStore, PeerServer, Ref, bind_address, fetch
+from odibi_actor._dataplane import (
+    FetchError,
+    LocalStore,
+    PeerServer,
+    Ref,
+    _attach_shared,
+    bind_address,
+    fetch,
+)
 from odibi_actor._holdings import Holdings
 from odibi_actor._messages import DataLost
 from odibi_actor._state import RunState, State
@@ -45,13 +57,23 @@ def big_slow(seed: int) -> tuple[Any, int, int]:
 
 
 def where(arr: Any, addr: int, pid: int) -> dict[str, Any]:
-    """What a consumer sees of an input: the same memory? read-only? which process?"""
+    """What a consumer sees of an input: the same memory? read-only? which process? a
+    mapping of a shared-memory file?"""
     return {
         "same_memory": arr.ctypes.data == addr,
         "writeable": bool(arr.flags.writeable),
         "same_pid": os.getpid() == pid,
         "first": float(arr[0]),
+        "mapped": _memory_of(arr),
     }
+
+
+def _memory_of(arr: Any) -> str:
+    """What owns an array's memory, at the bottom of its ``base`` chain."""
+    base = arr
+    while getattr(base, "base", None) is not None and not isinstance(base, memoryview):
+        base = base.base
+    return type(getattr(base, "obj", base)).__name__
 
 
 def add(a: Any, b: Any) -> float:
@@ -252,8 +274,69 @@ def test_inputs_held_by_another_worker_are_fetched_from_it():
     away = [w for n, w in zip(names, seen, strict=True) if m[f"make_{n}"].worker != m["all"].worker]
     assert len(here) == 2 and len(away) == 1  # placed where most of its input bytes were
     assert all(w["same_pid"] and w["same_memory"] for w in here)
-    assert all(not w["same_pid"] and not w["same_memory"] for w in away)  # over the socket
+    assert all(not w["same_pid"] and not w["same_memory"] for w in away)
+    # from a worker on this host: a mapping of the holder's shared memory, not socket bytes
+    assert [w["mapped"] for w in away] == ["mmap"]
     assert not any(w["writeable"] for w in seen)  # kept inputs are read-only
+    assert _our_shm_files(ex.worker_pids) == [], "the holders' shared memory outlived the run"
+
+
+def _our_shm_files(pids: list[int]) -> list[str]:
+    return [f for f in os.listdir(_shm.directory()) if any(f"odibi-{p}-" in f for p in pids)]
+
+
+async def test_a_peer_on_this_host_maps_big_buffers_from_shared_memory(tmp_path):
+    ctx = zmq.asyncio.Context()
+    store = LocalStore()
+    big_arr, small = np.arange(2 * MB // 8, dtype=np.float64), np.arange(10.0)
+    store.put("run1", "big", pack(big_arr))
+    store.put("run1", "small", pack(small))
+    server = PeerServer(ctx, store, _ipc(tmp_path, "holder"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        for _ in range(2):  # the second fetch reuses what the first wrote
+            got, _ = await fetch(
+                ctx, server.endpoint, "run1", ["big", "small"], timeout=30, shm=True
+            )
+            (buf,) = got["big"].buffers
+            assert isinstance(buf.obj, mmap.mmap) and buf.readonly
+            assert np.array_equal(unpack(got["big"]), big_arr)
+            assert np.array_equal(unpack(got["small"]), small)  # small: over the socket
+        files = _our_shm_files([os.getpid()])
+        assert len(files) == 1, files  # written once
+        # the holder reads the shared copy itself now; dropping the dataset removes the file
+        assert isinstance(store.get("run1", "big").buffers[0].obj, mmap.mmap)
+        store.drop_runs(["run1"])
+        assert _our_shm_files([os.getpid()]) == []
+        # the mapping a reader holds stays valid after the file is gone
+        assert np.array_equal(unpack(got["big"]), big_arr)
+    finally:
+        serving.cancel()
+        server.close()
+        ctx.destroy(linger=0)
+
+
+def test_shared_memory_paths_from_a_peer_are_checked():
+    with pytest.raises(ValueError, match="not a shared-memory file of ours"):
+        _shm.attach("/etc/passwd", 10)
+    fake = os.path.join(_shm.directory(), "odibi-1-" + "0" * 32 + ".shm.x")
+    with pytest.raises(ValueError, match="not a shared-memory file of ours"):
+        _shm.attach(fake, 10)
+    with pytest.raises(wire.MalformedMessage):
+        _attach_shared([pack(1)], [[5, 0, "x", 1]])
+
+
+def test_shared_memory_of_a_killed_worker_is_swept():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = os.path.join(_shm.directory(), f"odibi-{dead.pid}-{'a' * 32}.shm")
+    Path(path).write_bytes(b"x")
+    mine, _ = _shm.write(memoryview(b"y" * 10))
+    try:
+        assert _shm.sweep_stale() >= 1
+        assert not os.path.exists(path) and os.path.exists(mine)  # a live writer's stays
+    finally:
+        _shm.remove([path, mine])
 
 
 def test_default_run_still_returns_every_dataset_with_its_bytes():
