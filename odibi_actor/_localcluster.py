@@ -69,8 +69,12 @@ class LocalCluster:
 
     async def __aexit__(self, *exc: Any) -> bool | None:
         if exc[0] is None:
-            await self.release()
-            await self.local.stop(grace=3.0)  # the pool still says bye to late joiners
+            try:
+                await self.release()
+                await self.local.stop(grace=3.0)  # the pool still says bye to late joiners
+            except BaseException as error:  # a dead pool, say: still tear everything down
+                await self._close(type(error), error, error.__traceback__)
+                raise
             self.system.shutdown()
         return await self._close(*exc)
 
