@@ -18,6 +18,7 @@ the same memory, and one must not change what the others see.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import socket
@@ -87,6 +88,7 @@ class LocalStore:
     def __init__(self) -> None:
         self._runs: dict[str, dict[str, Packed]] = {}
         self._shared: dict[tuple[str, str], Shared] = {}  # values also in shared memory
+        self._sharing: dict[tuple[str, str], asyncio.Future[None]] = {}  # being written
         self.nbytes = 0
 
     def put(self, run: str, name: str, value: Packed) -> None:
@@ -104,35 +106,45 @@ class LocalStore:
     async def share(self, run: str, name: str) -> tuple[Packed, Shared] | None:
         """The value for a peer on this host: its big buffers in shared memory (written
         once, on threads, then read from there here too), the rest to send as usual.
-        None if the value is not (or no longer) here."""
-        value = self.get(run, name)
-        if value is None:
-            return None
-        shared = self._shared.get((run, name))
-        if shared is None:
-            big = [i for i, b in enumerate(value.buffers) if b.nbytes >= _shm.SHM_FROM]
-            if not big:
-                return value, []
-            try:
-                written = await asyncio.gather(
-                    *(asyncio.to_thread(_shm.write, value.buffers[i]) for i in big)
-                )
-            except OSError as exc:  # /dev/shm full, say: the socket still works
-                log.warning("cannot use shared memory; sending through the socket", error=str(exc))
-                return value, []
-            if self.get(run, name) is not value:  # dropped or replaced meanwhile
-                _shm.remove(path for path, _ in written)
-                return await self.share(run, name)
-            buffers = list(value.buffers)
-            for i, (_, view) in zip(big, written, strict=True):
-                buffers[i] = view  # the private copy goes once nothing else reads it
-            value = self._runs[run][name] = Packed(value.data, buffers)
-            shared = self._shared[(run, name)] = [
-                [i, path, view.nbytes] for i, (path, view) in zip(big, written, strict=True)
-            ]
+        None if the value is not (or no longer) here. Concurrent asks for one value wait
+        for the same write."""
+        key = (run, name)
+        while True:
+            value = self.get(run, name)
+            if value is None:
+                return None
+            shared = self._shared.get(key)
+            if shared is not None:
+                break
+            pending = self._sharing.get(key)
+            if pending is None:
+                pending = self._sharing[key] = asyncio.ensure_future(self._write(key, value))
+                pending.add_done_callback(lambda _: self._sharing.pop(key, None))
+            await asyncio.shield(pending)  # then look again: it may be gone or replaced
         moved = {entry[0] for entry in shared}
         rest = [b for i, b in enumerate(value.buffers) if i not in moved]
         return Packed(value.data, rest), shared
+
+    async def _write(self, key: tuple[str, str], value: Packed) -> None:
+        big = [i for i, b in enumerate(value.buffers) if b.nbytes >= _shm.SHM_FROM]
+        try:
+            written = await asyncio.gather(
+                *(asyncio.to_thread(_shm.write, value.buffers[i]) for i in big)
+            )
+        except Exception as exc:  # /dev/shm full, say: the socket still works
+            log.warning("cannot use shared memory; sending through the socket", error=repr(exc))
+            written, big = [], []
+        if self.get(*key) is not value:  # dropped or replaced meanwhile
+            _shm.remove(path for path, _ in written)
+            return
+        if written:
+            buffers = list(value.buffers)
+            for i, (_, view) in zip(big, written, strict=True):
+                buffers[i] = view  # the private copy goes once nothing else reads it
+            self._runs[key[0]][key[1]] = Packed(value.data, buffers)
+        self._shared[key] = [
+            [i, path, view.nbytes] for i, (path, view) in zip(big, written, strict=True)
+        ]
 
     def _unshare(self, run: str, name: str) -> None:
         shared = self._shared.pop((run, name), None)
@@ -143,11 +155,15 @@ class LocalStore:
         held = self._runs.get(run)
         if held is None:
             return
+        released = []
         for name in names:
             value = held.pop(name, None)
             if value is not None:
                 self.nbytes -= value.nbytes
                 self._unshare(run, name)
+                released.append(value)
+        value = None  # the last reference goes with the list
+        _release(released)
 
     def drop_runs(self, runs: Iterable[str]) -> None:
         for run in runs:
@@ -164,6 +180,28 @@ class LocalStore:
 
     def __len__(self) -> int:
         return sum(len(h) for h in self._runs.values())
+
+
+RELEASE_AWAY_FROM = 16 << 20  # dropped values this big are freed off the event loop
+_releaser: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _release(values: list[Packed]) -> None:
+    """Let go of dropped values. Returning a GB to the kernel takes ~0.1 s (a page at a
+    time); on a thread of its own it overlaps with the next task, whose numpy work
+    mostly runs without the GIL, instead of delaying it."""
+    global _releaser
+    if sum(v.nbytes for v in values) < RELEASE_AWAY_FROM:
+        return
+    if _releaser is None:
+        _releaser = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="odibi-free")
+    _releaser.submit(_let_go, values)  # the last references go there
+
+
+def _let_go(values: list[Packed]) -> None:
+    while values:
+        values.pop()  # unmapping holds the GIL: one value at a time, with a pause between
+        time.sleep(0)  # for the task that is starting meanwhile
 
 
 def bind_address(setting: str | None, coordinator: str) -> str | None:
@@ -224,19 +262,19 @@ class PeerServer:
         local = header.get("shm") is True and self.endpoint.startswith("ipc://")
         have, missing, values = [], [], []
         shm: list[list[Any]] = []  # [value index, buffer index, path, nbytes]
-        for name in names:
-            if local:
-                found = await self.store.share(run, str(name))
-                value = None if found is None else found[0]
-                if found is not None:
-                    shm.extend([len(values), *entry] for entry in found[1])
-            else:
-                value = self.store.get(run, str(name))
-            if value is None:
-                missing.append(str(name))
-            else:
-                have.append(str(name))
-                values.append(value)
+        names = [str(n) for n in names]
+        if local:  # every value's buffers are written to shared memory at once
+            found = await asyncio.gather(*(self.store.share(run, n) for n in names))
+        else:
+            found = [(v, []) if (v := self.store.get(run, n)) else None for n in names]
+        for name, item in zip(names, found, strict=True):
+            if item is None:
+                missing.append(name)
+                continue
+            value, shared = item
+            shm.extend([len(values), *entry] for entry in shared)
+            have.append(name)
+            values.append(value)
         self.requests += 1
         self.sent += len(values)
         answer = {"t": wire.DATA, "have": have, "missing": missing}

@@ -206,6 +206,9 @@ class TaskRunner:
                         self._abandoned.discard(me)
                         return  # already reported as timed out; a new thread has our slot
             self._deliver(outcome)
+            # let go of the task's inputs now, not when the next task arrives: an idle
+            # worker must not hold the last run's big inputs (nor free them on its clock)
+            task = outcome = None
 
     def _deliver(self, outcome: Outcome) -> None:
         self._outbox.append(outcome)

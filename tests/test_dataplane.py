@@ -316,6 +316,73 @@ async def test_a_peer_on_this_host_maps_big_buffers_from_shared_memory(tmp_path)
         ctx.destroy(linger=0)
 
 
+async def test_asks_for_one_value_at_once_share_one_write(monkeypatch):
+    writes = []
+    write = _shm.write
+    monkeypatch.setattr(_shm, "write", lambda buf: writes.append(buf.nbytes) or write(buf))
+    store = LocalStore()
+    arrays = {f"a{i}": np.full(2 * MB // 8, float(i)) for i in range(3)}
+    for name, arr in arrays.items():
+        store.put("run1", name, pack(arr))
+    try:
+        # one request asks for several values, another for one of them meanwhile
+        found = await asyncio.gather(
+            *(store.share("run1", n) for n in [*arrays, "a0", "a0"]), store.share("run1", "gone")
+        )
+        *answers, missing = found
+        assert missing is None
+        paths = [shared[0][1] for _, shared in answers]
+        assert paths[3] == paths[4] == paths[0]  # the same file,
+        assert len(writes) == len(arrays)  # written once
+        assert sorted(_our_shm_files([os.getpid()])) == sorted({os.path.basename(p) for p in paths})
+        for name, (_, shared) in zip(arrays, answers, strict=False):
+            view = _shm.attach(shared[0][1], shared[0][2])
+            assert np.array_equal(np.frombuffer(view, dtype=np.float64), arrays[name])
+    finally:
+        store.clear()
+    assert _our_shm_files([os.getpid()]) == []
+
+
+async def test_a_value_dropped_while_it_is_written_leaves_no_file():
+    store = LocalStore()
+    store.put("run1", "big", pack(np.ones(4 * MB // 8)))
+    sharing = asyncio.ensure_future(store.share("run1", "big"))
+    await asyncio.sleep(0)  # the write has begun on a thread
+    store.drop("run1", ["big"])
+    assert await sharing is None
+    assert _our_shm_files([os.getpid()]) == []
+
+
+class _Input:
+    """Something a step reads, whose lifetime a test can watch."""
+
+
+def test_an_idle_runner_holds_no_inputs_of_its_last_task():
+    """A warm worker between runs must not keep its last task's (big) inputs alive, nor
+    free them only when the next task arrives."""
+    import threading
+    import weakref
+
+    from odibi_actor._runner import Task, TaskRunner
+
+    done = threading.Event()
+    runner = TaskRunner(1, done.set)
+    try:
+        value = _Input()
+        gone = weakref.ref(value)
+        runner.submit([Task(1, 1, "read", lambda x: 1, [value], ("out",))])
+        del value
+        assert done.wait(10)
+        (outcome,) = runner.take_outcomes()
+        assert outcome.ok
+        deadline = time.monotonic() + 5
+        while gone() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gone() is None
+    finally:
+        runner.close()
+
+
 def test_shared_memory_paths_from_a_peer_are_checked():
     with pytest.raises(ValueError, match="not a shared-memory file of ours"):
         _shm.attach("/etc/passwd", 10)
