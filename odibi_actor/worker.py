@@ -309,24 +309,27 @@ class Worker:
                 # (a ms of delay on a busy worker; an idle one reports at once)
                 await asyncio.sleep(COALESCE_FOR)
             self._wake.clear()
-            if runner.started:
-                started: dict[str, list[Any]] = {}
-                while runner.started:
-                    t = runner.started.popleft()
-                    started.setdefault(t.run, []).append((t.tid, t.attempt))
-                for run, tids in started.items():
-                    await self._send({"t": wire.STARTED, "run": run, "tasks": tids})
-            outcomes = runner.take_outcomes()
-            if outcomes:
-                by_run: dict[str, list[Outcome]] = {}
-                for o in outcomes:
-                    by_run.setdefault(o.run, []).append(o)
-                for run, batch in by_run.items():
-                    await self._send_batch(run, batch)
+            await self._report(runner)
             if self._draining and runner.in_flight == 0 and not self._waiting:
                 await self._send_bye([], done=True)
                 self._stopped.set()
                 return
+
+    async def _report(self, runner: TaskRunner) -> None:
+        """Send what started and what finished. A call of its own, so that the outcomes
+        (kept values among them) are let go once sent, not held until the next batch."""
+        if runner.started:
+            started: dict[str, list[Any]] = {}
+            while runner.started:
+                t = runner.started.popleft()
+                started.setdefault(t.run, []).append((t.tid, t.attempt))
+            for run, tids in started.items():
+                await self._send({"t": wire.STARTED, "run": run, "tasks": tids})
+        by_run: dict[str, list[Outcome]] = {}
+        for o in runner.take_outcomes():
+            by_run.setdefault(o.run, []).append(o)
+        for run, batch in by_run.items():
+            await self._send_batch(run, batch)
 
     async def _send_batch(self, run: str, outcomes: list[Outcome]) -> None:
         """Send outcomes, never a frame over the coordinator's limit: it would drop it."""

@@ -94,6 +94,26 @@ def test_kept_outputs_of_one_run_are_freed_and_the_next_run_is_right():
         assert max(rss) < 330 * 2**20, f"worker RSS {[r >> 20 for r in rss]} MiB"
 
 
+@pytest.mark.timeout(60)
+def test_an_idle_worker_holds_nothing_of_the_last_run():
+    """Between runs a warm worker has let go of every big value of the last one: the
+    kept output, the outcome that carried it and the task that read it."""
+    b = DAGBuilder()
+    b.add_node("seed", positive, inputs=["s"], outputs=["seed"])
+    b.add_node("make", big, inputs=["seed"], outputs=["blob"])  # the last step, unread
+    with DistributedExecutor(b.build(), workers=1) as ex:
+        (pid,) = ex.worker_pids
+        before = psutil.Process(pid).memory_info().rss
+        for seed in (1, 2):
+            assert ex.run({"s": seed}, outputs=["seed"])["seed"] == seed
+            assert ex.metrics.kept_outputs == 1
+        # the 64 MiB blob is freed once its worker is idle, without another task arriving
+        deadline = time.monotonic() + 10
+        while (rss := psutil.Process(pid).memory_info().rss) > before + BIG // 2:
+            assert time.monotonic() < deadline, f"worker RSS +{(rss - before) >> 20} MiB"
+            time.sleep(0.05)
+
+
 @pytest.mark.timeout(90)
 def test_a_worker_killed_between_runs_is_replaced():
     with DistributedExecutor(two_steps(), workers=2) as ex:
