@@ -18,7 +18,6 @@ the same memory, and one must not change what the others see.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import os
 import socket
@@ -36,6 +35,7 @@ from zmq.utils.monitor import parse_monitor_message
 from . import _shm
 from . import _wire as wire
 from ._logging import get_logger
+from ._release import big, release
 from ._wire import Packed
 
 log = get_logger("odibi_actor.dataplane")
@@ -163,7 +163,8 @@ class LocalStore:
                 self._unshare(run, name)
                 released.append(value)
         value = None  # the last reference goes with the list
-        _release(released)
+        if big(released):
+            release(released)
 
     def drop_runs(self, runs: Iterable[str]) -> None:
         for run in runs:
@@ -180,28 +181,6 @@ class LocalStore:
 
     def __len__(self) -> int:
         return sum(len(h) for h in self._runs.values())
-
-
-RELEASE_AWAY_FROM = 16 << 20  # dropped values this big are freed off the event loop
-_releaser: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _release(values: list[Packed]) -> None:
-    """Let go of dropped values. Returning a GB to the kernel takes ~0.1 s (a page at a
-    time); on a thread of its own it overlaps with the next task, whose numpy work
-    mostly runs without the GIL, instead of delaying it."""
-    global _releaser
-    if sum(v.nbytes for v in values) < RELEASE_AWAY_FROM:
-        return
-    if _releaser is None:
-        _releaser = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="odibi-free")
-    _releaser.submit(_let_go, values)  # the last references go there
-
-
-def _let_go(values: list[Packed]) -> None:
-    while values:
-        values.pop()  # unmapping holds the GIL: one value at a time, with a pause between
-        time.sleep(0)  # for the task that is starting meanwhile
 
 
 def bind_address(setting: str | None, coordinator: str) -> str | None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ._calling import call_step
 from ._fingerprint import content_hash
+from ._release import big, release
 from ._wire import Packed, pack, unpack
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -207,7 +208,9 @@ class TaskRunner:
                         return  # already reported as timed out; a new thread has our slot
             self._deliver(outcome)
             # let go of the task's inputs now, not when the next task arrives: an idle
-            # worker must not hold the last run's big inputs (nor free them on its clock)
+            # worker must not hold the last run's big inputs, nor free them on its clock
+            if task.packed and big(task.args):
+                release([task])
             task = outcome = None
 
     def _deliver(self, outcome: Outcome) -> None:

@@ -357,9 +357,10 @@ class _Input:
     """Something a step reads, whose lifetime a test can watch."""
 
 
-def test_an_idle_runner_holds_no_inputs_of_its_last_task():
+@pytest.mark.parametrize("packed", [False, True], ids=["object", "big packed value"])
+def test_an_idle_runner_holds_no_inputs_of_its_last_task(packed):
     """A warm worker between runs must not keep its last task's (big) inputs alive, nor
-    free them only when the next task arrives."""
+    free them only when the next task arrives (big ones go on a thread of their own)."""
     import threading
     import weakref
 
@@ -368,10 +369,11 @@ def test_an_idle_runner_holds_no_inputs_of_its_last_task():
     done = threading.Event()
     runner = TaskRunner(1, done.set)
     try:
-        value = _Input()
+        value = np.ones(32 * MB // 8) if packed else _Input()
         gone = weakref.ref(value)
-        runner.submit([Task(1, 1, "read", lambda x: 1, [value], ("out",))])
-        del value
+        arg = pack(value) if packed else value
+        runner.submit([Task(1, 1, "read", lambda x: 1, [arg], ("out",), packed=packed)])
+        del value, arg
         assert done.wait(10)
         (outcome,) = runner.take_outcomes()
         assert outcome.ok
