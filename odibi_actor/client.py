@@ -23,7 +23,7 @@ from ._functions import describe
 from ._security import client_socket_options
 from ._wire import Packed, pack, unpack
 from .errors import DAGValidationError, NodeFailedError, OdibiError
-from .metrics import MetricsManager, NodeMetrics
+from .metrics import MetricsManager
 
 
 class CoordinatorError(OdibiError):
@@ -264,7 +264,7 @@ class RunHandle:
                     break
         finally:
             sock.close(linger=0)
-        self.metrics = _metrics(reply.get("metrics") or {})
+        self.metrics = MetricsManager.from_wire(reply.get("metrics") or {})
         if reply["state"] == "done":
             return {k: unpack(v) for k, v in zip(reply["keys"], values, strict=True)}
         raise _run_error(self.run_id, reply["error"])
@@ -285,17 +285,3 @@ def _run_error(run_id: str, info: dict[str, Any]) -> OdibiError:
             info.get("worker"),
         )
     return RunFailed(f"run {run_id}: {info.get('message', info)}")
-
-
-def _metrics(raw: dict[str, Any]) -> MetricsManager:
-    m = MetricsManager(
-        execution_time=float(raw.get("execution_time", 0.0)),
-        node_count=int(raw.get("node_count", 0)),
-        cache_hits=int(raw.get("cache_hits", 0)),
-        cache_misses=int(raw.get("cache_misses", 0)),
-        workers=int(raw.get("workers", 0)),
-        backend=str(raw.get("backend", "cluster")),
-    )
-    for name, fields in (raw.get("nodes") or {}).items():
-        m.nodes[name] = NodeMetrics(**fields)
-    return m

@@ -72,3 +72,30 @@ class MetricsManager:
         out = self.get_summary()
         out["nodes"] = {name: asdict(m) for name, m in self.nodes.items()}
         return out
+
+    def to_wire(self) -> dict[str, Any]:
+        """:meth:`to_dict` for the coordinator's answer to a client: per node one row in
+        :data:`NODE_ROW` order instead of a dict, a fraction of the memory at 100,000 nodes."""
+        out = self.get_summary()
+        out["node_rows"] = [
+            (m.name, m.status, m.duration, m.attempts, m.worker, m.cached)
+            for m in self.nodes.values()
+        ]
+        return out
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> MetricsManager:
+        """What :meth:`to_wire` (or :meth:`to_dict`) sent; unknown keys are ignored."""
+        m = cls(backend="cluster")
+        for key in _TOTALS:
+            if key in raw:
+                setattr(m, key, type(getattr(m, key))(raw[key]))
+        for row in raw.get("node_rows") or ():
+            m.nodes[row[0]] = NodeMetrics(*row[: len(NODE_ROW)])
+        for name, fields in (raw.get("nodes") or {}).items():
+            m.nodes[name] = NodeMetrics(**fields)
+        return m
+
+
+NODE_ROW = ("name", "status", "duration", "attempts", "worker", "cached")  # NodeMetrics
+_TOTALS = tuple(f for f in MetricsManager.__dataclass_fields__ if f != "nodes")

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 import structlog.testing
@@ -24,6 +25,7 @@ from odibi_actor import (
     OdibiError,
 )
 from odibi_actor._functions import describe
+from odibi_actor.metrics import MetricsManager
 
 WORKER_ID = re.compile(r"local-\d+")
 
@@ -180,6 +182,10 @@ def test_metrics(kitchen):
     assert summary["nodes_done"] == 10 and summary["nodes_failed"] == 0
     assert summary["retries"] == 0
     assert m.to_dict()["nodes"]["nap"]["status"] == "done"
+    # what a coordinator sends a client, through msgpack as on the wire
+    back = MetricsManager.from_wire(msgpack.unpackb(msgpack.packb(m.to_wire())))
+    assert back.to_dict() == m.to_dict()
+    assert MetricsManager.from_wire(m.to_dict()).to_dict() == m.to_dict()
 
 
 def test_events_and_tracker_are_called(kitchen):
