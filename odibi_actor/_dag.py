@@ -38,6 +38,11 @@ class DAGNode:
         )
 
 
+# what a builder's own nodes hold until build() wires fresh copies: one shared empty set,
+# not two new ones per node (41 MB at 100,000 nodes)
+_UNWIRED: Any = frozenset()
+
+
 class DAGBuilder:
     """Collects nodes with :meth:`add_node`; :meth:`build` wires and validates them."""
 
@@ -76,7 +81,16 @@ class DAGBuilder:
                 f"node {name!r}: retry_delay must be >= 0 seconds, got {retry_delay!r}"
             )
         self._nodes[name] = DAGNode(
-            name, fn, ins, outs, retries, timeout, float(retry_delay), bool(cache)
+            name,
+            fn,
+            ins,
+            outs,
+            retries,
+            timeout,
+            float(retry_delay),
+            bool(cache),
+            _UNWIRED,
+            _UNWIRED,  # build() wires fresh copies
         )
         return self
 

@@ -283,17 +283,22 @@ class Gateway(Actor):
             return
         if self.draining:
             raise CoordinatorShuttingDown("the coordinator is shutting down; submit elsewhere")
-        specs, keys = header["fns"], [str(k) for k in header["keys"]]
-        if len(keys) != len(values) or len(specs) != len(header["nodes"]):
+        entries, specs, keys = header["nodes"], header["fns"], [str(k) for k in header["keys"]]
+        if len(keys) != len(values) or len(specs) != len(entries):
             raise wire.MalformedMessage("submit: counts of keys/values or nodes/fns differ")
         builder, spec_of = DAGBuilder(), {}
         # msgpack makes a new str for every occurrence: one object per distinct name (and
-        # function spec) instead, or a 100,000-node run holds ~25 MB of copies
+        # function spec) instead, or a 100,000-node run holds ~25 MB of copies; and each
+        # entry goes once read (popped from the end), not with the whole header
         same: dict[Any, Any] = {}
         one = same.setdefault
-        for (name, inputs, outputs, retries, timeout, retry_delay), spec in zip(
-            header["nodes"], specs, strict=True
-        ):
+        entries.reverse()
+        specs.reverse()
+        while entries:
+            (name, inputs, outputs, retries, timeout, retry_delay), spec = (
+                entries.pop(),
+                specs.pop(),
+            )
             name = one(str(name), str(name))
             if isinstance(inputs, list) and isinstance(outputs, list):
                 inputs = [one(i, i) if isinstance(i, str) else i for i in inputs]
@@ -301,6 +306,7 @@ class Gateway(Actor):
             builder.add_node(name, _remote_step, inputs, outputs, retries, timeout, retry_delay)
             fn = _fn_spec(name, spec)
             spec_of[name] = one(fn, fn)
+        del same, one
         nodes = builder.build()
         check_inputs(nodes, keys)
         data = dict(zip(keys, values, strict=True))
