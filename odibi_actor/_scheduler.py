@@ -7,6 +7,7 @@ however large the DAG, and it dispatches a node the moment its inputs exist.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +137,9 @@ class Scheduler(Actor):
         self.state = RunState(nodes, done=self.restored)
         self.index = {name: i for i, name in enumerate(self.names)}
         self.credit = 0
+        # tasks the cache could not answer: they need worker slots, which sending them to
+        # the cache did not take
+        self._missed: deque[TaskSpec] = deque()
         self._timer_armed_for: float | None = None
         self._journal_told = False
         self.failed_workers: dict[str, str | None] = {}
@@ -174,8 +178,7 @@ class Scheduler(Actor):
             self.state.release_retries(time.monotonic())
         elif isinstance(message, CacheMiss):
             self.metrics.cache_misses += len(message.specs)
-            self.credit -= len(message.specs)
-            self.dispatcher.tell(Dispatch(self.run_id, message.specs))
+            self._missed.extend(message.specs)  # they go to workers as credit allows
         elif isinstance(message, JournalDue):
             self._journal_told = False
             self._flush_durable()
@@ -207,6 +210,14 @@ class Scheduler(Actor):
     def _dispatch(self) -> None:
         if self.credit <= 0:
             return
+        if self._missed:  # first what the cache could not answer: it waited longest
+            n = min(self.credit, len(self._missed))
+            missed = [self._missed.popleft() for _ in range(n)]
+            self.credit -= n
+            self.metrics.dispatches += 1
+            self.dispatcher.tell(Dispatch(self.run_id, missed))
+            if self.credit <= 0:
+                return
         taken = self.state.take(self.credit)
         if not taken:
             return

@@ -765,6 +765,28 @@ def test_second_run_is_all_cache_hits(tmp_path, backend):
     assert second == first, "outputs restored from the cache differ from computed ones"
 
 
+def nap_and_pass(*xs: Any) -> Any:
+    time.sleep(0.01)
+    return sum(xs)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+def test_a_fan_out_wider_than_the_workers_misses_the_cache_and_completes(tmp_path, backend):
+    """Nodes the cache cannot answer still need worker slots: a fan-out of more ready nodes
+    than the workers take at once must neither stall nor overfill them."""
+    b = DAGBuilder()
+    b.add_node("src", nap_and_pass, inputs=["seed"], outputs=["s"])
+    for i in range(40):
+        b.add_node(f"n{i}", nap_and_pass, inputs=["s"], outputs=[f"o{i}"])
+    b.add_node("final", nap_and_pass, inputs=[f"o{i}" for i in range(40)], outputs=["result"])
+    cache = (tmp_path / "cache").as_uri()
+    for seed, misses in ((1, 42), (1, 0), (2, 42)):
+        out, m = run_cached(b.build(), cache, tmp_path, backend, data={"seed": seed})
+        assert out["result"] == 40 * seed
+        assert m.cache_misses == misses and m.cache_hits == 42 - misses
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend", ["processes", "threads"])
 def test_node_with_cache_false_always_runs(tmp_path, backend):
