@@ -118,7 +118,8 @@ class _Forked:
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:  # not reaped yet, so the pid is still this worker's
-            os.kill(self.pid, sig)
+            with contextlib.suppress(ProcessLookupError):  # it exited; the zygote will say
+                os.kill(self.pid, sig)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
@@ -318,7 +319,8 @@ class LocalWorkers:
         self.procs[name] = proc
         self.pids.append(proc.pid)
         if self._closing:  # stop() began while we were starting it: it sees it in procs
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
         assert self._tg is not None
         self._tg.start_soon(self._watch, name, proc)
 

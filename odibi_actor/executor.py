@@ -245,7 +245,13 @@ class DAGExecutor:
                         await self._run_threads(data, result, persist)
                 else:
                     self.metrics.workers = self.workers
-                    await self._run_processes(data, result, resume)
+                    try:
+                        await self._run_processes(data, result, resume)
+                    except BaseExceptionGroup as group:  # the cluster's task group wrapped it
+                        error = _only_error(group)
+                        if error is group:
+                            raise
+                        raise error from None
         finally:
             self.metrics.execution_time = time.perf_counter() - t0
         if result.error is not None:
@@ -533,6 +539,15 @@ def _function_specs(nodes: Mapping[str, DAGNode]) -> list[FnSpec]:
                 ) from None
         out.append(spec)
     return out
+
+
+def _only_error(group: BaseExceptionGroup) -> BaseException:
+    """What a task group wrapped when it was one error (a bad URL, say): callers catch
+    ``ValueError``, not an ``ExceptionGroup`` of one."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 def _pack_initial(key: str, value: Any) -> Packed:

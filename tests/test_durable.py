@@ -765,6 +765,27 @@ def test_second_run_is_all_cache_hits(tmp_path, backend):
     assert second == first, "outputs restored from the cache differ from computed ones"
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+@pytest.mark.parametrize(
+    ("kw", "resume", "match"),
+    [
+        ({"cache": "nope://x"}, False, "unsupported storage URL scheme 'nope'"),
+        ({"checkpoint": "s3://b/x", "run_id": "r"}, False, "unsupported storage URL scheme"),
+        ({"checkpoint": "file:///tmp/x"}, True, "run id"),
+        ({"checkpoint": "file:///tmp/x", "run_id": "a/b"}, False, "run id 'a/b'"),
+    ],
+    ids=["cache scheme", "checkpoint scheme", "resume without run id", "run id path"],
+)
+def test_bad_durable_settings_raise_a_plain_value_error(tmp_path, backend, kw, resume, match):
+    """Not an ExceptionGroup from the workers' task group: callers catch ValueError."""
+    nodes = cache_dag(tmp_path / "marker")
+    ex = BACKENDS[backend](nodes, workers=1, journal_dir=str(tmp_path / "j"), **kw)
+    with pytest.raises(ValueError, match=match):
+        ex.run({"x": 1, "y": 2}, resume=resume)
+    assert not (tmp_path / "marker").exists(), "nothing may run"
+
+
 def nap_and_pass(*xs: Any) -> Any:
     time.sleep(0.01)
     return sum(xs)
