@@ -190,7 +190,7 @@ class Persistence:
                     by_hash[h] = decode_result(blob, self.secret, expected_hash=h)
                 except (StorageError, IntegrityError) as exc:
                     log.warning(
-                        "a stored output is unusable; its nodes run again",
+                        "a stored output is unusable; its nodes and their descendants run again",
                         nodes=users[h][:5],
                         error=str(exc),
                     )
@@ -199,6 +199,9 @@ class Persistence:
         async with anyio.create_task_group() as tg:
             for h in users:  # each distinct result is fetched once
                 tg.start_soon(fetch, h)
+        # what was made from a lost output runs again too: the node that lost it may make
+        # something else this time, and restored descendants would disagree with it
+        missing = _with_descendants(missing, self.nodes)
         for name in reusable - missing:
             for output, h in cp.nodes[name].outputs.items():
                 restored[output] = by_hash[h]
@@ -299,3 +302,13 @@ def _unpack(value: Packed) -> Any:
     from ._wire import unpack
 
     return unpack(value)
+
+
+def _with_descendants(names: set[str], nodes: Mapping[str, DAGNode]) -> set[str]:
+    out, todo = set(names), list(names)
+    while todo:
+        for child in nodes[todo.pop()].dependents:
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out

@@ -387,7 +387,7 @@ def test_forged_inline_result_in_the_journal_is_not_unpickled_under_a_secret(tmp
 
 # --- corrupt inline results, old journal records ----------------------------------------------
 @pytest.mark.timeout(60)
-def test_inline_result_not_matching_its_hash_reruns_that_node_only(tmp_path):
+def test_inline_result_not_matching_its_hash_reruns_that_node_and_its_descendants(tmp_path):
     marker = tmp_path / "marker"
     url = (tmp_path / "store").as_uri()
     opts = {"workers": 2, "checkpoint": url, "run_id": "forged", "journal_dir": str(tmp_path / "j")}
@@ -405,8 +405,8 @@ def test_inline_result_not_matching_its_hash_reruns_that_node_only(tmp_path):
     ex = DistributedExecutor(chain3(marker), **opts)
     with structlog.testing.capture_logs() as logs:
         assert ex.run({"x": 0}, resume=True) == {"da": 1, "db": 2, "dc": 3}
-    assert lines(marker)[3:] == ["b"]
-    assert ex.metrics.restored == 2
+    assert lines(marker)[3:] == ["b", "c"]
+    assert ex.metrics.restored == 1
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert any(
         e.get("nodes") == ["b"] and "content hash" in e.get("error", "") for e in warnings
@@ -585,3 +585,34 @@ def test_cli_log_level_info_prints_info_lines(tmp_path):
     quiet = subprocess.run(args[:-2], capture_output=True, text=True, env=env, timeout=50)
     assert quiet.returncode == 0 and "run starting" not in quiet.stderr
     shutil.rmtree(tmp_path / "xdg-state", ignore_errors=True)
+
+
+# --- a lost stored output: its node and everything made from it run again ------------------
+def fresh_bytes(x: int) -> bytes:
+    return os.urandom(4000)  # not deterministic: a rerun makes something else
+
+
+def first_bytes(blob: bytes) -> bytes:
+    return blob[:16]
+
+
+@pytest.mark.timeout(60)
+def test_a_lost_stored_output_reruns_its_node_and_its_descendants(tmp_path):
+    """Restoring b's old output beside a's new one would return a result made from data
+    that no longer exists: a resume must run b again too."""
+    b = DAGBuilder()
+    b.add_node("a", fresh_bytes, inputs=["x"], outputs=["blob"])
+    b.add_node("b", first_bytes, inputs=["blob"], outputs=["head"])
+    b.add_node("c", first_bytes, inputs=["x2"], outputs=["other"])
+    store = tmp_path / "store"
+    opts: dict[str, Any] = {"checkpoint": store.as_uri(), "run_id": "lost"}
+    data = {"x": 1, "x2": b"unrelated input"}
+    first = DAGExecutor(b.build(), journal_dir=str(tmp_path / "j1"), **opts).run(data)
+    lost = store / result_key(content_hash(pack(first["blob"])))
+    assert lost.exists()
+    lost.unlink()
+    ex = DAGExecutor(b.build(), journal_dir=str(tmp_path / "j2"), **opts)  # another machine
+    out = ex.run(data, resume=True)
+    assert out["blob"] != first["blob"], "a ran again and made new bytes"
+    assert out["head"] == out["blob"][:16], "b's output must come from a's current output"
+    assert ex.metrics.restored == 1  # c only
