@@ -11,6 +11,7 @@ anything is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,6 +115,10 @@ class Cache(Actor):
         try:
             ekey = entry_key(key)
             if self.ttl is not None and time.time() - await self.store.modified(ekey) > self.ttl:
+                # conditional puts never replace an entry: drop the expired one, so that
+                # what this run computes is the fresh entry and the TTL starts again
+                with contextlib.suppress(KeyError, StorageError):
+                    await self.store.delete(ekey)
                 return None
             entry = decode_result(await self.store.get(ekey), self.secret)
             hashes = msgpack.unpackb(entry.data)

@@ -866,6 +866,12 @@ def test_cache_ttl_expires_entries(tmp_path):
     assert (m.cache_hits, m.cache_misses) == (0, 6)
     assert len(lines(marker)) == 12
     assert again == first
+    # expired entries are replaced by what the run computed, so the TTL starts again
+    time.sleep(2.2)
+    _, m = run_cached(nodes, cache, tmp_path, cache_ttl=2)
+    assert (m.cache_hits, m.cache_misses) == (0, 6)
+    _, m = run_cached(nodes, cache, tmp_path, cache_ttl=2)
+    assert (m.cache_hits, m.cache_misses) == (6, 0)
 
 
 @pytest.mark.timeout(60)
