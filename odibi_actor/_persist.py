@@ -161,8 +161,8 @@ class Persistence:
         if not cp.nodes:
             log.warning("nothing to resume for this run id; running everything", run_id=self.run_id)
             return
-        if not cp.dag_fingerprint:
-            cp.dag_fingerprint = self.checkpoint.dag_fingerprint
+        if not cp.dag_fingerprint:  # journal only: which DAG wrote it is not known, so
+            cp.dag_fingerprint = "unknown (journal only)"  # judge it node by node
         try:
             check_compatible(cp, self.checkpoint.dag_fingerprint, self.run_id, self.nodes)
         except CheckpointMismatch as exc:

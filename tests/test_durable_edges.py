@@ -50,6 +50,7 @@ from odibi_actor._checkpoint import (
     result_key,
 )
 from odibi_actor._fingerprint import content_hash
+from odibi_actor._persist import ResumeError
 from odibi_actor._recorder import BLOB_RECORD, Ledger, Recorder
 from odibi_actor._wire import Packed, pack
 from odibi_actor.storage import _MEMORY, _MEMORY_LOCK, MemoryStorage, open_storage
@@ -616,3 +617,27 @@ def test_a_lost_stored_output_reruns_its_node_and_its_descendants(tmp_path):
     assert out["blob"] != first["blob"], "a ran again and made new bytes"
     assert out["head"] == out["blob"][:16], "b's output must come from a's current output"
     assert ex.metrics.restored == 1  # c only
+
+
+@pytest.mark.timeout(60)
+def test_a_journal_only_run_resumed_with_another_dag_is_refused(tmp_path):
+    """Killed (here: its store down) before any snapshot, a run is known only from its
+    journal, which does not say which DAG wrote it: it is judged node by node, and a DAG
+    with none of its nodes is refused as a snapshot of another DAG would be."""
+    marker, store = tmp_path / "marker", tmp_path / "store"
+    opts: dict[str, Any] = {
+        "checkpoint": store.as_uri(),
+        "run_id": "j",
+        "journal_dir": str(tmp_path / "j"),
+    }
+    block_store(store)
+    with structlog.testing.capture_logs():
+        DAGExecutor(chain3(marker), **opts).run({"x": 0})
+    unblock_store(store)
+    other = DAGBuilder()
+    other.add_node("z", functools.partial(const, str(marker), "z", 9), inputs=["x"], outputs=["dz"])
+    with pytest.raises(ResumeError, match="another DAG"):
+        DAGExecutor(other.build(), **opts).run({"x": 0}, resume=True)
+    ex = DAGExecutor(chain3(marker), **opts)
+    assert ex.run({"x": 0}, resume=True) == {"da": 1, "db": 2, "dc": 3}
+    assert ex.metrics.restored == 3 and lines(marker) == ["a", "b", "c"]
