@@ -54,6 +54,11 @@ DEFAULT_JOURNAL_DIR = os.path.join(
 )
 
 
+# seconds opening a run waits for a store that neither answers nor fails (a network that
+# drops packets): after that it goes on as if the store were down
+STORE_PATIENCE = 15.0
+
+
 class ResumeError(OdibiError):
     """A checkpoint cannot be resumed: another DAG, or unreadable storage."""
 
@@ -132,21 +137,27 @@ class Persistence:
         assert self.store is not None
         prefix = snapshot_key(self.run_id, 0).rsplit("/", 1)[0] + "/"
         try:
-            for key in await self.store.list(prefix):
-                await self.store.delete(key)
-        except StorageError as exc:
-            log.warning("cannot clear the earlier checkpoints of this run id", error=str(exc))
+            with anyio.fail_after(STORE_PATIENCE):
+                for key in await self.store.list(prefix):
+                    await self.store.delete(key)
+        except (StorageError, TimeoutError) as exc:
+            log.warning(
+                "cannot clear the earlier checkpoints of this run id",
+                error=str(exc) or f"no answer within {STORE_PATIENCE:g}s",
+            )
 
     async def _load(self, data: dict[str, Any], durable: RunDurability, packed: bool) -> None:
         assert self.store is not None
         store = self.store
         prefix = snapshot_key(self.run_id, 0).rsplit("/", 1)[0] + "/"
         try:
-            keys = await store.list(prefix)
-            blobs = [(k, await store.get(k)) for k in keys]
-        except StorageError as exc:
+            with anyio.fail_after(STORE_PATIENCE):
+                keys = await store.list(prefix)
+                blobs = [(k, await store.get(k)) for k in keys]
+        except (StorageError, TimeoutError) as exc:
             log.warning(
-                "cannot read checkpoints; resuming from the local journal only", error=str(exc)
+                "cannot read checkpoints; resuming from the local journal only",
+                error=str(exc) or f"no answer within {STORE_PATIENCE:g}s",
             )
             keys, blobs = [], []
         picked = pick_latest(blobs, self.secret)

@@ -641,3 +641,51 @@ def test_a_journal_only_run_resumed_with_another_dag_is_refused(tmp_path):
     ex = DAGExecutor(chain3(marker), **opts)
     assert ex.run({"x": 0}, resume=True) == {"da": 1, "db": 2, "dc": 3}
     assert ex.metrics.restored == 3 and lines(marker) == ["a", "b", "c"]
+
+
+class SilentStore(MemoryStorage):
+    """A store whose listing, while ``silent``, neither answers nor fails: a network that
+    drops packets."""
+
+    silent = True
+
+    async def _list(self, prefix: str) -> list[str]:
+        while self.silent:
+            await anyio.sleep(0.01)
+        return await super()._list(prefix)
+
+
+@pytest.mark.timeout(60)
+def test_a_store_that_never_answers_does_not_hold_the_run(tmp_path, monkeypatch):
+    import odibi_actor._persist as persist_module
+
+    name = f"silent-{os.getpid()}-{id(tmp_path)}"
+    monkeypatch.setattr(persist_module, "STORE_PATIENCE", 0.5)
+    store = SilentStore(name)
+    monkeypatch.setattr(persist_module, "_open", lambda url: store)
+    marker = tmp_path / "marker"
+
+    def answer_again(progress: Any) -> None:  # the run began: the store is back
+        store.silent = False
+
+    opts: dict[str, Any] = {
+        "checkpoint": "memory://silent",
+        "run_id": "s",
+        "journal_dir": str(tmp_path / "j"),
+        "progress": answer_again,
+    }
+    try:
+        with structlog.testing.capture_logs() as logs:
+            assert DAGExecutor(chain3(marker), **opts).run({"x": 0}) == {"da": 1, "db": 2, "dc": 3}
+            store.silent = True
+            ex = DAGExecutor(chain3(marker), **opts)
+            assert ex.run({"x": 0}, resume=True) == {"da": 1, "db": 2, "dc": 3}
+    finally:
+        with _MEMORY_LOCK:
+            _MEMORY.pop(name, None)
+    # the snapshot emptied the journal and the store says nothing: everything runs again,
+    # within the patience, instead of the resume waiting on the store
+    assert ex.metrics.restored == 0 and lines(marker) == ["a", "b", "c"] * 2
+    said = [e["event"] for e in logs if e["log_level"] == "warning"]
+    assert "cannot clear the earlier checkpoints of this run id" in said
+    assert "cannot read checkpoints; resuming from the local journal only" in said
