@@ -890,6 +890,35 @@ def test_changed_input_data_misses_for_its_consumers_only(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_purge_keeps_results_that_a_signed_entry_it_cannot_read_may_use(tmp_path):
+    """Without the secret, purge cannot read a signed entry, so it cannot know which
+    results that entry uses: an old result stays rather than leave a young entry dangling."""
+    from odibi_actor._cache import cached_result_key, purge
+    from odibi_actor._checkpoint import encode_result
+    from odibi_actor.storage import open_storage
+
+    value = pack(b"shared result" * 100)
+    h = content_hash(value)
+    root = tmp_path / "cache"
+
+    async def main() -> tuple[int, int]:
+        async with open_storage(root.as_uri()) as store:
+            await store.put(cached_result_key(h), encode_result(value, b"secret"))
+            await store.put(entry_key("old"), encode_result(pack(b"x"), b"secret"))
+            entry = encode_result(Packed(msgpack.packb([h]), []), b"secret")
+            await store.put(entry_key("young"), entry)
+            week_ago = time.time() - 7 * 86400
+            for key in (cached_result_key(h), entry_key("old")):
+                os.utime(root / key, (week_ago, week_ago))
+            purged = await purge(store, older_than=86400)
+            assert await store.exists(cached_result_key(h))
+            assert await store.exists(entry_key("young"))
+            return purged
+
+    assert anyio.run(main) == (1, 0)
+
+
+@pytest.mark.timeout(60)
 def test_cache_purge_cli_then_the_next_run_misses(tmp_path):
     marker = tmp_path / "marker"
     nodes = cache_dag(marker)
