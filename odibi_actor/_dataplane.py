@@ -126,24 +126,24 @@ class LocalStore:
         return Packed(value.data, rest), shared
 
     async def _write(self, key: tuple[str, str], value: Packed) -> None:
-        big = [i for i, b in enumerate(value.buffers) if b.nbytes >= _shm.SHM_FROM]
+        large = [i for i, b in enumerate(value.buffers) if b.nbytes >= _shm.SHM_FROM]
         try:
             written = await asyncio.gather(
-                *(asyncio.to_thread(_shm.write, value.buffers[i]) for i in big)
+                *(asyncio.to_thread(_shm.write, value.buffers[i]) for i in large)
             )
         except Exception as exc:  # /dev/shm full, say: the socket still works
             log.warning("cannot use shared memory; sending through the socket", error=repr(exc))
-            written, big = [], []
+            written, large = [], []
         if self.get(*key) is not value:  # dropped or replaced meanwhile
             _shm.remove(path for path, _ in written)
             return
         if written:
             buffers = list(value.buffers)
-            for i, (_, view) in zip(big, written, strict=True):
+            for i, (_, view) in zip(large, written, strict=True):
                 buffers[i] = view  # the private copy goes once nothing else reads it
             self._runs[key[0]][key[1]] = Packed(value.data, buffers)
         self._shared[key] = [
-            [i, path, view.nbytes] for i, (path, view) in zip(big, written, strict=True)
+            [i, path, view.nbytes] for i, (path, view) in zip(large, written, strict=True)
         ]
 
     def _unshare(self, run: str, name: str) -> None:
@@ -245,7 +245,7 @@ class PeerServer:
         if local:  # every value's buffers are written to shared memory at once
             found = await asyncio.gather(*(self.store.share(run, n) for n in names))
         else:
-            found = [(v, []) if (v := self.store.get(run, n)) else None for n in names]
+            found = [(v, []) if (v := self.store.get(run, n)) is not None else None for n in names]
         for name, item in zip(names, found, strict=True):
             if item is None:
                 missing.append(name)

@@ -50,16 +50,22 @@ _SOCKET_NAME = re.compile(r"odibi-(\d+)-[\w.-]+\.sock")
 def sweep_stale_sockets(directory: str | None = None) -> int:
     """Remove ipc socket files of local runs whose process is gone (killed with -9, so it
     could not remove them itself); returns how many. Only our own sockets, by name."""
-    directory = directory or tempfile.gettempdir()
+    return remove_orphans(directory or tempfile.gettempdir(), _SOCKET_NAME, stat.S_ISSOCK)
+
+
+def remove_orphans(directory: str, name: re.Pattern[str], kind: Callable[[int], bool]) -> int:
+    """Remove this user's files in ``directory`` whose name matches ``name`` (its first
+    group the pid of the process that made them), of ``kind`` (a ``stat.S_IS*`` test),
+    and whose process is gone; returns how many."""
     removed = 0
     with contextlib.suppress(OSError), os.scandir(directory) as entries:
         for entry in entries:
-            m = _SOCKET_NAME.fullmatch(entry.name)
+            m = name.fullmatch(entry.name)
             if m is None or pid_alive(int(m.group(1))):
                 continue
             with contextlib.suppress(OSError):
                 st = entry.stat(follow_symlinks=False)
-                if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid():
+                if kind(st.st_mode) and st.st_uid == os.getuid():
                     os.unlink(entry.path)
                     removed += 1
     return removed

@@ -210,17 +210,10 @@ class Scheduler(Actor):
     def _dispatch(self) -> None:
         if self.credit <= 0:
             return
-        if self._missed:  # first what the cache could not answer: it waited longest
-            n = min(self.credit, len(self._missed))
-            missed = [self._missed.popleft() for _ in range(n)]
-            self.credit -= n
-            self.metrics.dispatches += 1
-            self.dispatcher.tell(Dispatch(self.run_id, missed))
-            if self.credit <= 0:
-                return
-        taken = self.state.take(self.credit)
-        if not taken:
-            return
+        # first what the cache could not answer (it waited longest), then new ready nodes
+        missed = [self._missed.popleft() for _ in range(min(self.credit, len(self._missed)))]
+        self.credit -= len(missed)
+        taken = self.state.take(self.credit) if self.credit > 0 else []
         self.credit -= len(taken)
         data, index, nodes, hooks = self.data, self.index, self.nodes, self.hooks
         specs = []
@@ -229,10 +222,12 @@ class Scheduler(Actor):
             specs.append(TaskSpec(index[name], attempt, node, [data[i] for i in node.inputs]))
             if hooks.per_node:
                 hooks.started(node, attempt)
-        if self.durable is not None:
+        if self.durable is not None and specs:
             direct = self.durable.split(self.run_id, specs)
             self.credit += len(specs) - len(direct)  # the cache does not use worker slots
             specs = direct
+        if missed:
+            specs = missed + specs
         if specs:
             self.metrics.dispatches += 1
             self.dispatcher.tell(Dispatch(self.run_id, specs))

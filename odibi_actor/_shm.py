@@ -77,18 +77,6 @@ def remove(paths: Iterable[str]) -> None:
 
 def sweep_stale(where: str | None = None) -> int:
     """Remove our files whose writer is gone (killed with -9); returns how many."""
-    from ._local import pid_alive
+    from ._local import remove_orphans
 
-    where = where or directory()
-    removed = 0
-    with contextlib.suppress(OSError), os.scandir(where) as entries:
-        for entry in entries:
-            m = _NAME.fullmatch(entry.name)
-            if m is None or pid_alive(int(m.group(1))):
-                continue
-            with contextlib.suppress(OSError):
-                st = entry.stat(follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
-                    os.unlink(entry.path)
-                    removed += 1
-    return removed
+    return remove_orphans(where or directory(), _NAME, stat.S_ISREG)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -77,10 +78,7 @@ class MetricsManager:
         """:meth:`to_dict` for the coordinator's answer to a client: per node one row in
         :data:`NODE_ROW` order instead of a dict, a fraction of the memory at 100,000 nodes."""
         out = self.get_summary()
-        out["node_rows"] = [
-            (m.name, m.status, m.duration, m.attempts, m.worker, m.cached)
-            for m in self.nodes.values()
-        ]
+        out["node_rows"] = [_row(m) for m in self.nodes.values()]
         return out
 
     @classmethod
@@ -97,5 +95,6 @@ class MetricsManager:
         return m
 
 
-NODE_ROW = ("name", "status", "duration", "attempts", "worker", "cached")  # NodeMetrics
+NODE_ROW = tuple(NodeMetrics.__dataclass_fields__)  # its fields, in order
+_row = operator.attrgetter(*NODE_ROW)
 _TOTALS = tuple(f for f in MetricsManager.__dataclass_fields__ if f != "nodes")
