@@ -327,8 +327,10 @@ def test_new_coordinator_gets_no_work_of_the_old_ones_runs(cluster: Cluster, tmp
         fn = functools.partial(step, name=f"old{i}", log=str(old_log), delay=long, seed=i)
         old.add_node(f"old{i}", fn, outputs=[f"old{i}.out"])
     with cluster.client() as c:
-        # a quick run first: the pool queues tasks ahead only once it knows how long they take
-        warm, warm_expected = layered(1, 4, tmp_path / "warm.log", delay=0.0, prefix="warm")
+        # a quick run first: the pool queues tasks ahead only once it knows how long they take.
+        # 10 ms each, not 0: an estimate far below a message's cost (~1 ms) makes the pool
+        # feed one worker all 8 tasks in one message, leaving the other idle
+        warm, warm_expected = layered(1, 4, tmp_path / "warm.log", delay=0.01, prefix="warm")
         check_outputs(c.submit(warm).result(timeout=30), warm_expected)
         c.submit(old)
         # each worker (one thread) runs one old task and holds more queued
